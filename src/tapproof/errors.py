@@ -15,6 +15,7 @@
     ├── TransportError             connect/handshake/IO failures, timeouts
     │   └── HandshakeTimeout
     ├── APIError                   the control plane answered with an error (status, code)
+    ├── EnrollmentRefused          a join token unknown, expired, used, or for a revoked host
     └── StoreError                 storage problems
         ├── NotFound
         ├── Conflict               a uniqueness or state conflict (e.g. a token already used)
@@ -148,3 +149,21 @@ class SchemaMismatch(StoreError):
 
 class StoreUnavailable(StoreError):
     """The database cannot be reached or read right now (retry later)."""
+
+
+class TokenReason(enum.Enum):
+    """Why a join token was not accepted."""
+
+    UNKNOWN = "unknown-token"
+    EXPIRED = "expired-token"
+    USED = "used-token"
+    HOST_REVOKED = "host-revoked"
+
+
+class EnrollmentRefused(TapproofError):
+    """A join token that cannot be redeemed; ``reason`` says why."""
+
+    def __init__(self, reason: TokenReason, detail: str = "") -> None:
+        super().__init__(f"enrollment refused ({reason.value}){': ' + detail if detail else ''}")
+        self.reason = reason
+        self.detail = detail

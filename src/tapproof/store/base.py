@@ -1,0 +1,239 @@
+"""The Store interface and its records.
+
+One interface, two backends (``sqlite:///PATH`` and ``postgresql://...``), one
+conformance suite (``tests/store``) run against both. All times are aware UTC
+datetimes. Every method is one transaction. Methods raise only
+:class:`~tapproof.errors.StoreError` subclasses (``NotFound``, ``Conflict``,
+``SchemaMismatch``, ``StoreUnavailable``) or, from :meth:`Store.redeem_token`,
+:class:`~tapproof.errors.EnrollmentRefused`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, Protocol
+
+CertKind = Literal["host", "server", "admin", "intermediate"]
+RootState = Literal["active", "prepared", "retiring"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenRecord:
+    """A join token; only the SHA-256 of its secret is stored (hex)."""
+
+    token_hash: str
+    host: str
+    created_at: dt.datetime
+    expires_at: dt.datetime
+    used_at: dt.datetime | None = None
+    created_by: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class HostRecord:
+    """An enrolled (or about-to-be) host."""
+
+    name: str
+    spiffe_id: str
+    created_at: dt.datetime
+    enrolled_at: dt.datetime | None = None
+    revoked_at: dt.datetime | None = None
+    revoke_reason: str = ""
+    advertise: str = ""  # HOST:PORT peers dial for this host's agent tunnel port
+    last_seen: dt.datetime | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class CertificateRecord:
+    """An issued certificate (never its key). ``serial`` is lower-case hex."""
+
+    serial: str
+    spiffe_id: str
+    kind: CertKind
+    not_before: dt.datetime
+    not_after: dt.datetime
+    issued_at: dt.datetime
+    issuer: str  # which server (its SPIFFE ID or name) signed it
+    host: str | None = None
+    revoked_at: dt.datetime | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ServiceRecord:
+    """A service an agent fronts: ``spiffe://TD/svc/NAME`` on ``host``, reachable at ``advertise``."""
+
+    name: str
+    host: str
+    advertise: str
+    registered_at: dt.datetime
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyRuleRecord:
+    """One policy rule. ``rule_id`` is assigned by the store (0 before insertion)."""
+
+    rule_id: int
+    action: Literal["allow", "deny"]
+    source: str  # identity pattern, e.g. "spiffe://TD/host/web-*"
+    service: str  # service pattern, e.g. "redis" or "*"
+    ports: str = ""  # "" (any) or "6379,7000-7010"
+    created_at: dt.datetime | None = None
+    comment: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrustRootRecord:
+    """A root CA certificate in the trust bundle."""
+
+    fingerprint: str  # SHA-256 of the DER, 64 lower-case hex
+    cert_pem: str
+    state: RootState
+    created_at: dt.datetime
+
+
+@dataclasses.dataclass(frozen=True)
+class AuditEntry:
+    """One line of the append-only audit log. ``entry_id`` is assigned by the store."""
+
+    entry_id: int
+    ts: dt.datetime
+    actor: str
+    action: str
+    detail: dict[str, Any]
+
+
+class Store(Protocol):
+    """What the control plane needs from a database."""
+
+    # --- lifecycle ---------------------------------------------------------
+    def close(self) -> None:
+        """Release connections."""
+        ...
+
+    def schema_version(self) -> int:
+        """Return the schema version of the database (0 if empty)."""
+        ...
+
+    # --- settings (small key/value: default_policy, leaf_ttl, ...) ---------
+    def get_setting(self, key: str, default: str | None = None) -> str | None:
+        """Return a setting or ``default``."""
+        ...
+
+    def set_setting(self, key: str, value: str) -> None:
+        """Set a setting."""
+        ...
+
+    # --- trust roots -------------------------------------------------------
+    def add_trust_root(self, root: TrustRootRecord) -> None:
+        """Add a root (Conflict if the fingerprint exists)."""
+        ...
+
+    def set_trust_root_state(self, fingerprint: str, state: RootState) -> None:
+        """Change a root's state (NotFound if absent)."""
+        ...
+
+    def remove_trust_root(self, fingerprint: str) -> None:
+        """Remove a root from the bundle (NotFound if absent)."""
+        ...
+
+    def list_trust_roots(self) -> list[TrustRootRecord]:
+        """All roots, oldest first."""
+        ...
+
+    # --- tokens and enrollment ---------------------------------------------
+    def add_token(self, token: TokenRecord) -> None:
+        """Store a new token (Conflict if the hash exists)."""
+        ...
+
+    def redeem_token(
+        self,
+        token_hash: str,
+        now: dt.datetime,
+        issue: Callable[[str], CertificateRecord],
+    ) -> tuple[TokenRecord, CertificateRecord]:
+        """Atomically spend a token and record the certificate ``issue(host_name)`` returns.
+
+        In ONE transaction, with the token row locked: refuse with
+        ``EnrollmentRefused(UNKNOWN|EXPIRED|USED|HOST_REVOKED)``; else call
+        ``issue(token.host)`` (it signs; if it raises, nothing is changed and
+        the token stays unspent), insert the certificate, mark the token used
+        at ``now``, and create or update the host record (``enrolled_at=now``,
+        created if new). Two concurrent redemptions of one token: exactly one
+        succeeds, the other gets ``USED``.
+        """
+        ...
+
+    def list_tokens(self, *, include_used: bool = False) -> list[TokenRecord]:
+        """Tokens, newest first."""
+        ...
+
+    # --- hosts -------------------------------------------------------------
+    def get_host(self, name: str) -> HostRecord:
+        """Return a host (NotFound if absent)."""
+        ...
+
+    def list_hosts(self) -> list[HostRecord]:
+        """All hosts, by name."""
+        ...
+
+    def update_host_seen(self, name: str, now: dt.datetime, advertise: str | None = None) -> None:
+        """Record that a host checked in (and its advertised address if given)."""
+        ...
+
+    def revoke_host(self, name: str, now: dt.datetime, reason: str) -> list[str]:
+        """Revoke a host and all its unexpired certificates; return their serials (NotFound if absent)."""
+        ...
+
+    # --- certificates ------------------------------------------------------
+    def record_certificate(self, cert: CertificateRecord) -> None:
+        """Record an issued certificate (Conflict on a duplicate serial)."""
+        ...
+
+    def get_certificate(self, serial: str) -> CertificateRecord:
+        """Return a certificate record (NotFound if absent)."""
+        ...
+
+    def revoke_certificate(self, serial: str, now: dt.datetime) -> CertificateRecord:
+        """Mark a certificate revoked (NotFound if absent); idempotent."""
+        ...
+
+    def revoked_serials(self, now: dt.datetime) -> list[str]:
+        """Serials revoked and not yet expired at ``now``."""
+        ...
+
+    def certificates_expiring(self, now: dt.datetime, within: dt.timedelta) -> list[CertificateRecord]:
+        """Unrevoked certificates with ``now <= not_after < now + within``."""
+        ...
+
+    # --- services ----------------------------------------------------------
+    def register_services(self, host: str, services: Sequence[ServiceRecord]) -> None:
+        """Replace the set of services ``host`` fronts with ``services``."""
+        ...
+
+    def list_services(self) -> list[ServiceRecord]:
+        """All services, by (name, host)."""
+        ...
+
+    # --- policy ------------------------------------------------------------
+    def add_policy_rule(self, rule: PolicyRuleRecord) -> PolicyRuleRecord:
+        """Insert a rule; return it with its id. Bumps the policy version."""
+        ...
+
+    def remove_policy_rule(self, rule_id: int) -> None:
+        """Delete a rule (NotFound if absent). Bumps the policy version."""
+        ...
+
+    def list_policy_rules(self) -> tuple[int, list[PolicyRuleRecord]]:
+        """Return (policy version, rules in id order) read in one transaction."""
+        ...
+
+    # --- audit log (append-only: no update or delete exists) ---------------
+    def append_audit(self, ts: dt.datetime, actor: str, action: str, detail: dict[str, Any]) -> int:
+        """Append an entry; return its id."""
+        ...
+
+    def list_audit(self, *, since_id: int = 0, limit: int = 1000) -> list[AuditEntry]:
+        """Entries with id > since_id, oldest first."""
+        ...
