@@ -88,9 +88,7 @@ def parse(text: str) -> SpiffeID:
     if not td:
         raise InvalidSpiffeID("spiffe id has an empty trust domain")
     if not _TD.match(td):
-        raise InvalidSpiffeID(
-            f"trust domain {td[:80]!r} has characters outside [a-z0-9.-_] (upper case is refused)"
-        )
+        raise InvalidSpiffeID(f"trust domain {td[:80]!r} has characters outside [a-z0-9.-_] (upper case is refused)")
     if not slash:
         return SpiffeID(td, "")
     path = "/" + path
@@ -102,9 +100,7 @@ def parse(text: str) -> SpiffeID:
         if seg in (".", ".."):
             raise InvalidSpiffeID("spiffe id path has a '.' or '..' segment")
         if not _SEGMENT.match(seg):
-            raise InvalidSpiffeID(
-                f"spiffe id path segment {seg[:40]!r} has characters outside [A-Za-z0-9.-_]"
-            )
+            raise InvalidSpiffeID(f"spiffe id path segment {seg[:40]!r} has characters outside [A-Za-z0-9.-_]")
     return SpiffeID(td, path)
 
 

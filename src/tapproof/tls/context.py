@@ -1,0 +1,126 @@
+"""pyOpenSSL contexts: TLS 1.3 only, X25519MLKEM768 only, mutual authentication.
+
+Nothing here can be made weaker by a caller except through the explicit,
+loudly named ``unsafe_classical_groups`` switch. pyOpenSSL has no
+``set_groups``, so the group list goes through its cffi binding of
+``SSL_CTX_set1_curves_list``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from OpenSSL import SSL, crypto
+from OpenSSL._util import lib as _lib
+
+from tapproof.errors import PKIError
+from tapproof.tls.credentials import Credentials, TrustBundle
+
+log = logging.getLogger(__name__)
+
+PQ_GROUP = "X25519MLKEM768"
+PQ_GROUP_CODE = 0x11EC
+# Fallback groups only for the explicit, logged ``unsafe_classical_groups`` setting.
+_CLASSICAL_GROUPS = b"X25519MLKEM768:X25519:P-256"
+CIPHERSUITES = b"TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256:TLS_AES_128_GCM_SHA256"
+
+VerifyHook = Callable[[int, int, bool], None]  # (openssl errno, depth, ok) for logging
+
+
+def _base(unsafe_classical_groups: bool) -> SSL.Context:
+    ctx = SSL.Context(SSL.TLS_METHOD)
+    ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
+    ctx.set_max_proto_version(SSL.TLS1_3_VERSION)
+    ctx.set_tls13_ciphersuites(CIPHERSUITES)
+    groups = _CLASSICAL_GROUPS if unsafe_classical_groups else PQ_GROUP.encode()
+    if unsafe_classical_groups:
+        log.warning(
+            "unsafe-classical-groups is ON: links may use classical key exchange, "
+            "readable by a future quantum computer",
+            extra={"event": "unsafe-classical-groups"},
+        )
+    if _lib.SSL_CTX_set1_curves_list(ctx._context, groups) != 1:
+        raise PKIError(f"this OpenSSL does not support {PQ_GROUP}: install cryptography >= 50 (OpenSSL >= 3.5)")
+    # No session tickets / resumption: every connection runs a full (EC)DHE+ML-KEM
+    # exchange and presents certificates, so every peer is checked on every connection.
+    ctx.set_options(SSL.OP_NO_TICKET | SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION)
+    ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+    return ctx
+
+
+def _use_credentials(ctx: SSL.Context, creds: Credentials) -> None:
+    ctx.use_certificate(crypto.X509.from_cryptography(creds.leaf))
+    for cert in creds.chain[1:]:
+        ctx.add_extra_chain_cert(crypto.X509.from_cryptography(cert))
+    ctx.use_privatekey(crypto.PKey.from_cryptography_key(creds.key))
+    ctx.check_privatekey()
+
+
+def _trust(ctx: SSL.Context, bundle: TrustBundle, *, require_peer_cert: bool, hook: VerifyHook | None) -> None:
+    store = ctx.get_cert_store()
+    if store is None:  # pragma: no cover - pyOpenSSL always has one
+        raise PKIError("no certificate store")
+    for root in bundle.roots:
+        store.add_cert(crypto.X509.from_cryptography(root))
+
+    def callback(_conn: SSL.Connection, _cert: crypto.X509, errno: int, depth: int, ok: int) -> bool:
+        if hook is not None:
+            hook(errno, depth, bool(ok))
+        return bool(ok)  # never overrides OpenSSL's verdict
+
+    mode = SSL.VERIFY_PEER | (SSL.VERIFY_FAIL_IF_NO_PEER_CERT if require_peer_cert else 0)
+    ctx.set_verify(mode, callback)
+    ctx.set_verify_depth(3)
+
+
+def server_context(
+    creds: Credentials,
+    bundle: TrustBundle,
+    *,
+    require_client_cert: bool = True,
+    unsafe_classical_groups: bool = False,
+    hook: VerifyHook | None = None,
+) -> SSL.Context:
+    """A server context. With ``require_client_cert=False`` a client MAY come without a
+    certificate (enrollment); one that presents a certificate must still verify."""
+    ctx = _base(unsafe_classical_groups)
+    _use_credentials(ctx, creds)
+    _trust(ctx, bundle, require_peer_cert=require_client_cert, hook=hook)
+    return ctx
+
+
+def client_context(
+    creds: Credentials | None,
+    bundle: TrustBundle,
+    *,
+    unsafe_classical_groups: bool = False,
+    hook: VerifyHook | None = None,
+) -> SSL.Context:
+    """A client context that verifies the server against ``bundle`` (and presents ``creds``)."""
+    ctx = _base(unsafe_classical_groups)
+    if creds is not None:
+        _use_credentials(ctx, creds)
+    _trust(ctx, bundle, require_peer_cert=True, hook=hook)
+    return ctx
+
+
+def pinning_client_context() -> SSL.Context:
+    """A client context for enrollment bootstrap ONLY: the chain is checked after the
+    handshake against the root fingerprint from the join string (see ``tls.pinning``),
+    before a single byte is sent. Never use it without that check."""
+    ctx = _base(False)
+
+    def defer(_c: SSL.Connection, _x: crypto.X509, _e: int, _d: int, _ok: int) -> bool:
+        return True  # the pinned-root check in tls.pinning.verify_pinned runs right after
+
+    ctx.set_verify(SSL.VERIFY_PEER, defer)
+    return ctx
+
+
+def negotiated_group(conn: SSL.Connection) -> str:
+    """The key-exchange group OpenSSL negotiated (e.g. ``X25519MLKEM768``), or ``""``."""
+    ptr = _lib.SSL_get0_group_name(conn._ssl)
+    if ptr == SSL._ffi.NULL:  # type: ignore[attr-defined]
+        return ""
+    return str(SSL._ffi.string(ptr).decode("ascii", "replace"))  # type: ignore[attr-defined]

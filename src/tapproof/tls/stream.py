@@ -1,0 +1,177 @@
+"""A TLS connection with deadlines: handshake, read, write and a clean close.
+
+``socket.settimeout()`` makes pyOpenSSL raise ``WantReadError`` mid-operation,
+so the socket stays non-blocking and every operation loops on
+``WantRead``/``WantWrite`` with ``select`` until its own deadline. Each
+operation is tried first and only then waited for, because OpenSSL may hold
+decrypted bytes that ``select`` cannot see.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import select
+import socket
+import time
+from typing import TypeVar
+
+from OpenSSL import SSL
+
+from tapproof.errors import HandshakeTimeout, PeerReason, PeerRejected, TransportError
+from tapproof.tls.context import PQ_GROUP, negotiated_group
+
+T = TypeVar("T")
+
+
+def _wait(sock: socket.socket, *, write: bool, deadline: float, what: str) -> None:
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise (HandshakeTimeout if what == "handshake" else TransportError)(f"{what} timed out")
+    r, w, _ = select.select([] if write else [sock], [sock] if write else [], [], remaining)
+    if not r and not w:
+        raise (HandshakeTimeout if what == "handshake" else TransportError)(f"{what} timed out")
+
+
+class TLSStream:
+    """One established (or establishing) TLS connection over a non-blocking socket."""
+
+    def __init__(self, conn: SSL.Connection, sock: socket.socket) -> None:
+        self.conn = conn
+        self.sock = sock
+        sock.setblocking(False)
+
+    @classmethod
+    def client(cls, ctx: SSL.Context, sock: socket.socket, server_name: str | None = None) -> TLSStream:
+        """Wrap a connected socket as the TLS client side."""
+        conn = SSL.Connection(ctx, sock)
+        if server_name:
+            conn.set_tlsext_host_name(server_name.encode("idna"))
+        conn.set_connect_state()
+        return cls(conn, sock)
+
+    @classmethod
+    def server(cls, ctx: SSL.Context, sock: socket.socket) -> TLSStream:
+        """Wrap an accepted socket as the TLS server side."""
+        conn = SSL.Connection(ctx, sock)
+        conn.set_accept_state()
+        return cls(conn, sock)
+
+    def handshake(self, deadline: float) -> None:
+        """Run the handshake until done or ``deadline`` (monotonic); then require TLS 1.3 + PQ."""
+        while True:
+            try:
+                self.conn.do_handshake()
+                break
+            except SSL.WantReadError:
+                _wait(self.sock, write=False, deadline=deadline, what="handshake")
+            except SSL.WantWriteError:
+                _wait(self.sock, write=True, deadline=deadline, what="handshake")
+            except SSL.Error as exc:
+                raise PeerRejected(PeerReason.HANDSHAKE_FAILED, _describe(exc)) from exc
+            except OSError as exc:
+                raise TransportError(f"handshake: {exc}") from exc
+        self.require_pq()
+
+    def require_pq(self) -> None:
+        """Fail closed unless TLS 1.3 with X25519MLKEM768 was negotiated (belt and braces:
+        the context offers nothing else unless explicitly made unsafe)."""
+        version = self.conn.get_protocol_version_name()
+        if version != "TLSv1.3":
+            raise PeerRejected(PeerReason.NOT_TLS13, f"negotiated {version}")
+        group = negotiated_group(self.conn)
+        if group != PQ_GROUP:
+            raise PeerRejected(PeerReason.NOT_PQ, f"negotiated group {group or 'unknown'}, {PQ_GROUP} required")
+
+    @property
+    def group(self) -> str:
+        """The negotiated key-exchange group."""
+        return negotiated_group(self.conn)
+
+    def recv(self, size: int, deadline: float) -> bytes:
+        """Read up to ``size`` bytes; ``b""`` on a clean close_notify; TransportError otherwise."""
+        while True:
+            try:
+                return self.conn.recv(size)
+            except SSL.WantReadError:
+                _wait(self.sock, write=False, deadline=deadline, what="read")
+            except SSL.WantWriteError:
+                _wait(self.sock, write=True, deadline=deadline, what="read")
+            except SSL.ZeroReturnError:
+                return b""
+            except SSL.SysCallError as exc:
+                raise TransportError(f"connection lost: {_describe(exc)}") from exc
+            except SSL.Error as exc:
+                raise TransportError(f"tls error: {_describe(exc)}") from exc
+
+    def sendall(self, data: bytes, deadline: float) -> None:
+        """Write all of ``data`` before ``deadline``."""
+        view = memoryview(data)
+        while view:
+            try:
+                n = self.conn.send(view[: 256 * 1024])
+                view = view[n:]
+            except SSL.WantWriteError:
+                _wait(self.sock, write=True, deadline=deadline, what="write")
+            except SSL.WantReadError:
+                _wait(self.sock, write=False, deadline=deadline, what="write")
+            except SSL.Error as exc:
+                raise TransportError(f"write failed: {_describe(exc)}") from exc
+
+    def close(self, deadline: float | None = None) -> None:
+        """Send close_notify, drain until the peer's close (bounded), then close the socket.
+
+        Closing with unread data in the kernel buffer would send an RST that can
+        destroy data the peer has not read yet; draining first avoids it.
+        """
+        deadline = deadline if deadline is not None else time.monotonic() + 2.0
+        try:
+            with contextlib.suppress(SSL.WantReadError, SSL.WantWriteError):
+                self.conn.shutdown()
+            for _ in range(1024):
+                if not self.recv(64 * 1024, deadline):
+                    break
+        except (TransportError, SSL.Error, OSError):
+            pass  # the peer is gone or slow: nothing more to deliver
+        finally:
+            with contextlib.suppress(OSError):
+                self.sock.close()
+
+    def abort(self) -> None:
+        """Close at once with an RST (the peer must see an error, not a clean end)."""
+        with contextlib.suppress(OSError):
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
+def _describe(exc: Exception) -> str:
+    if isinstance(exc, SSL.SysCallError):
+        return str(exc.args[1] if len(exc.args) > 1 else exc)
+    if exc.args and isinstance(exc.args[0], list) and exc.args[0]:
+        parts = [str(e[2]) for e in exc.args[0] if isinstance(e, tuple) and len(e) == 3]
+        if parts:
+            return "; ".join(parts)
+    return str(exc) or type(exc).__name__
+
+
+def connect(
+    address: tuple[str, int],
+    ctx: SSL.Context,
+    *,
+    timeout: float = 10.0,
+    server_name: str | None = None,
+) -> TLSStream:
+    """Connect TCP + TLS to ``address`` within ``timeout`` seconds (PQ group enforced)."""
+    deadline = time.monotonic() + timeout
+    try:
+        sock = socket.create_connection(address, timeout=timeout)
+    except OSError as exc:
+        raise TransportError(f"cannot connect to {address[0]}:{address[1]}: {exc.strerror or exc}") from exc
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    stream = TLSStream.client(ctx, sock, server_name)
+    try:
+        stream.handshake(deadline)
+    except BaseException:
+        stream.abort()
+        raise
+    return stream
