@@ -1,0 +1,174 @@
+"""Engines, transactions and error translation for the SQL store.
+
+* :func:`make_engine` turns a ``sqlite:///PATH`` or ``postgresql://...`` URL
+  into one thread-safe SQLAlchemy engine (``postgresql://`` runs on psycopg 3).
+  SQLite gets WAL, ``busy_timeout`` and foreign keys on every connection, and
+  pysqlite's own transaction handling is switched off so that we emit
+  ``BEGIN`` ourselves: ``BEGIN IMMEDIATE`` for transactions that write, which
+  take the write lock up front and so queue behind each other (for up to
+  ``busy_timeout``) instead of failing with "database is locked" on upgrade.
+* :func:`run_tx` runs one function in one transaction, retries PostgreSQL
+  serialization failures and deadlocks, and translates driver errors into the
+  :class:`~tapproof.errors.StoreError` tree with ``raise ... from exc``.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import sqlite3
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import psycopg
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import URL, make_url
+
+from tapproof.errors import ConfigError, Conflict, StoreError, StoreUnavailable
+from tapproof.logs import log_event
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+"""How long a SQLite writer waits for the write lock before giving up."""
+
+PG_CONNECT_TIMEOUT_S = 10
+"""libpq ``connect_timeout`` unless the URL sets one."""
+
+RETRIES = 5
+"""Attempts for a PostgreSQL transaction that hits a serialization failure or deadlock."""
+
+_RETRY_SQLSTATES = frozenset({"40001", "40P01"})  # serialization_failure, deadlock_detected
+_WRITE = "tapproof_write"
+
+
+def parse_url(url: str) -> URL:
+    """Parse and normalise a store URL (``postgresql://`` becomes ``postgresql+psycopg://``).
+
+    Raises :class:`~tapproof.errors.ConfigError` for anything but a SQLite file
+    or PostgreSQL.
+    """
+    try:
+        parsed = make_url(url)
+    except sa.exc.ArgumentError as exc:
+        raise ConfigError(f"--db: not a database url: {exc}") from exc
+    backend, _, driver = parsed.drivername.partition("+")
+    if backend in ("postgresql", "postgres"):
+        if driver not in ("", "psycopg"):
+            raise ConfigError(f"--db: unsupported postgresql driver {driver!r} (use postgresql://)")
+        return parsed.set(drivername="postgresql+psycopg")
+    if backend == "sqlite":
+        if driver not in ("", "pysqlite"):
+            raise ConfigError(f"--db: unsupported sqlite driver {driver!r} (use sqlite:///PATH)")
+        if not parsed.database or parsed.database == ":memory:":
+            raise ConfigError("--db: an in-memory sqlite database cannot be shared; use sqlite:///PATH")
+        return parsed.set(drivername="sqlite+pysqlite")
+    raise ConfigError(f"--db: unsupported database {backend!r} (use sqlite:///PATH or postgresql://)")
+
+
+def redact(url: URL) -> str:
+    """Render ``url`` without its password, for messages and logs."""
+    return url.set(drivername=url.get_backend_name()).render_as_string(hide_password=True)
+
+
+def make_engine(url: URL) -> sa.Engine:
+    """Create the one engine (and connection pool) a store shares between threads."""
+    if url.get_backend_name() == "sqlite":
+        engine = sa.create_engine(url, pool_size=5, max_overflow=20, pool_timeout=60)
+        _configure_sqlite(engine)
+        return engine
+    connect_args: dict[str, Any] = {"application_name": "tapproof"}
+    if "connect_timeout" not in url.query:
+        connect_args["connect_timeout"] = PG_CONNECT_TIMEOUT_S
+    return sa.create_engine(
+        url,
+        pool_pre_ping=True,
+        pool_size=5,
+        max_overflow=20,
+        pool_timeout=60,
+        connect_args=connect_args,
+    )
+
+
+def _configure_sqlite(engine: sa.Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: sqlite3.Connection, _record: Any) -> None:
+        dbapi_conn.isolation_level = None  # we emit BEGIN ourselves (see _on_begin)
+        cursor = dbapi_conn.cursor()
+        try:
+            cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS:d}")
+            cursor.execute("PRAGMA foreign_keys = ON")
+            cursor.execute("PRAGMA journal_mode = WAL")
+            cursor.execute("PRAGMA synchronous = NORMAL")
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: sa.Connection) -> None:
+        write = conn.get_execution_options().get(_WRITE, False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+
+def run_tx(
+    engine: sa.Engine,
+    fn: Callable[[sa.Connection], T],
+    *,
+    write: bool,
+    what: str,
+    isolation: str | None = None,
+) -> T:
+    """Run ``fn(conn)`` in one transaction and return its result.
+
+    ``write`` makes SQLite take the write lock at ``BEGIN``. ``isolation``
+    (e.g. ``"REPEATABLE READ"``) applies on PostgreSQL only; SQLite transactions
+    are serializable already. Exceptions that ``fn`` raises on purpose (store
+    errors, ``EnrollmentRefused``, a signing callback's error) roll back and
+    propagate unchanged; driver errors become store errors.
+    """
+    postgres = engine.dialect.name == "postgresql"
+    for attempt in range(1, RETRIES + 1):
+        try:
+            with engine.connect() as conn:
+                options: dict[str, Any] = {_WRITE: write}
+                if isolation and postgres:
+                    options["isolation_level"] = isolation
+                conn.execution_options(**options)
+                with conn.begin():
+                    return fn(conn)
+        except sa.exc.DBAPIError as exc:
+            sqlstate = getattr(exc.orig, "sqlstate", None)
+            if postgres and sqlstate in _RETRY_SQLSTATES and attempt < RETRIES:
+                log_event(log, "store-retry", level=logging.DEBUG, what=what, sqlstate=sqlstate)
+                time.sleep(random.uniform(0.005, 0.02) * attempt)  # noqa: S311 - jitter, not crypto
+                continue
+            raise translate(exc, what, engine.url) from exc
+        except (sa.exc.SQLAlchemyError, sqlite3.Error, psycopg.Error) as exc:
+            raise translate(exc, what, engine.url) from exc
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def translate(exc: BaseException, what: str, url: URL) -> Exception:
+    """Map a SQLAlchemy or driver error to the store error tree (or a programming error)."""
+    if isinstance(exc, sa.exc.StatementError) and not isinstance(exc, sa.exc.DBAPIError):
+        if isinstance(exc.orig, ValueError | TypeError):
+            return exc.orig  # a naive datetime or a value that is not JSON: our caller's bug
+        return StoreError(f"{what}: {exc}")
+    orig = exc.orig if isinstance(exc, sa.exc.DBAPIError) else exc
+    reason = (str(orig).strip().splitlines() or [type(orig).__name__])[0]
+    where = redact(url)
+    if isinstance(exc, sa.exc.IntegrityError) or isinstance(orig, sqlite3.IntegrityError | psycopg.IntegrityError):
+        return Conflict(f"{what}: {reason}")
+    if isinstance(orig, sqlite3.DatabaseError) and ("not a database" in reason or "malformed" in reason):
+        return StoreUnavailable(f"{what}: {where} is corrupt or not a sqlite database ({reason})")
+    if isinstance(
+        exc,
+        sa.exc.OperationalError | sa.exc.InterfaceError | sa.exc.TimeoutError | sa.exc.DisconnectionError,
+    ) or isinstance(orig, sqlite3.OperationalError | psycopg.OperationalError):
+        return StoreUnavailable(f"{what}: cannot use {where}: {reason}")
+    if type(orig) is sqlite3.DatabaseError:
+        return StoreUnavailable(f"{what}: cannot use {where}: {reason}")
+    return StoreError(f"{what}: {reason}")
