@@ -48,4 +48,5 @@ def setup(level: str = "info", stream: Any = None) -> None:
 
 def log_event(logger: logging.Logger, event: str, *, level: int = logging.INFO, **fields: Any) -> None:
     """Log ``event`` with ``fields`` as structured keys."""
-    logger.log(level, event, extra={"event": event, **fields})
+    safe = {(f"{k}_" if k in _RESERVED else k): v for k, v in fields.items()}  # "name" would clash
+    logger.log(level, event, extra={"event": event, **safe})

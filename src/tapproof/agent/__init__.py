@@ -1,0 +1,1 @@
+"""The agent: enrollment, credentials and renewal, and (``agent run``) the tunnels."""

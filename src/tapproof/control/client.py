@@ -1,0 +1,182 @@
+"""API client: one HTTP/1.1 request per TLS connection (h11), failover across servers.
+
+The server must prove ``spiffe://TD/tapproof/server`` with a chain to the
+trust bundle; enrollment uses the pinned-root bootstrap instead (no bundle yet).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import h11
+from OpenSSL import SSL
+
+from tapproof import identity
+from tapproof.errors import APIError, PeerRejected, TransportError
+from tapproof.tls import context, pinning
+from tapproof.tls.peer import check_peer
+from tapproof.tls.stream import TLSStream, connect
+from tapproof.units import parse_hostport
+
+log = logging.getLogger(__name__)
+MAX_RESPONSE = 4 * 1024 * 1024
+
+
+def _roundtrip(
+    stream: TLSStream, method: str, path: str, body: Any, headers: Sequence[tuple[str, str]], host: str, timeout: float
+) -> tuple[int, dict[str, str], Any]:
+    deadline = time.monotonic() + timeout
+    payload = b"" if body is None else json.dumps(body).encode()
+    h = h11.Connection(h11.CLIENT)
+    hdrs = [
+        ("Host", host),
+        ("Content-Type", "application/json"),
+        ("Content-Length", str(len(payload))),
+        ("Connection", "close"),
+        *headers,
+    ]
+    out = h.send(h11.Request(method=method, target=path, headers=hdrs)) or b""
+    if payload:
+        out += h.send(h11.Data(data=payload)) or b""
+    out += h.send(h11.EndOfMessage()) or b""
+    stream.sendall(out, deadline)
+    resp: h11.Response | None = None
+    data = bytearray()
+    while True:
+        try:
+            event = h.next_event()
+        except h11.RemoteProtocolError as exc:
+            raise TransportError(f"bad HTTP from server: {exc}") from exc
+        if event is h11.NEED_DATA:
+            chunk = stream.recv(65536, deadline)
+            h.receive_data(chunk)
+            continue
+        if isinstance(event, h11.Response):
+            resp = event
+        elif isinstance(event, h11.Data):
+            data += event.data
+            if len(data) > MAX_RESPONSE:
+                raise TransportError("server response too large")
+        elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+            break
+    if resp is None:
+        raise TransportError("server closed the connection without answering")
+    rh = {k.decode().lower(): v.decode("latin-1") for k, v in resp.headers}
+    parsed: Any = None
+    if data:
+        try:
+            parsed = json.loads(data)
+        except ValueError as exc:
+            raise TransportError("server answered with invalid JSON") from exc
+    return resp.status_code, rh, parsed
+
+
+def _raise_for(status: int, parsed: Any) -> None:
+    if status < 400:
+        return
+    err = parsed.get("error", {}) if isinstance(parsed, dict) else {}
+    raise APIError(status, str(err.get("code", "error")), str(err.get("message", f"http {status}")))
+
+
+class APIClient:
+    """Calls the control-plane API as an agent or admin (mutual TLS, verified server)."""
+
+    def __init__(
+        self,
+        servers: Sequence[str],
+        trust_domain: str,
+        ctx_factory: Callable[[], SSL.Context],
+        *,
+        timeout: float = 10.0,
+        now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+    ) -> None:
+        if not servers:
+            raise TransportError("no control-plane server address configured")
+        self.servers = list(servers)
+        self.td = trust_domain
+        self.ctx_factory = ctx_factory
+        self.timeout = timeout
+        self.now = now
+
+    def call(
+        self, method: str, path: str, body: Any = None, headers: Sequence[tuple[str, str]] = ()
+    ) -> tuple[int, dict[str, str], Any]:
+        """Make one call; try each server in turn on transport errors and 503s."""
+        last: Exception | None = None
+        for server in self.servers:
+            host, port = parse_hostport(server, what="server address")
+            try:
+                stream = connect((host, port), self.ctx_factory(), timeout=self.timeout)
+            except (TransportError, PeerRejected) as exc:
+                last = exc
+                continue
+            try:
+                check_peer(
+                    stream,
+                    trust_domain=self.td,
+                    now=self.now(),
+                    usage="server",
+                    accept=lambda s: s.kind is identity.Kind.SERVER,
+                )
+                status, rh, parsed = _roundtrip(stream, method, path, body, headers, server, self.timeout)
+            except TransportError as exc:
+                stream.abort()
+                last = exc
+                continue
+            except BaseException:
+                stream.abort()
+                raise
+            stream.close(time.monotonic() + 1.0)
+            if status == 503 and server != self.servers[-1]:
+                last = APIError(503, "unavailable", f"{server} is unavailable")
+                continue
+            _raise_for(status, parsed)
+            return status, rh, parsed
+        assert last is not None  # noqa: S101 - at least one server was tried
+        if isinstance(last, APIError | PeerRejected):
+            raise last
+        raise TransportError(f"no control-plane server answered ({', '.join(self.servers)}): {last}")
+
+    def get(self, path: str) -> Any:
+        """GET and return the JSON body."""
+        return self.call("GET", path)[2]
+
+    def post(self, path: str, body: Any) -> Any:
+        """POST JSON and return the JSON body."""
+        return self.call("POST", path, body)[2]
+
+
+def enroll_pinned(
+    servers: Sequence[str], trust_domain: str, fingerprint: str, body: dict[str, Any], *, timeout: float = 10.0
+) -> Any:
+    """POST /v1/enroll to the first server whose chain ends at the pinned root.
+
+    The pinned-root check runs before the request (and its join secret) is sent.
+    """
+    last: Exception | None = None
+    for server in servers:
+        host, port = parse_hostport(server, what="server address")
+        try:
+            stream = connect((host, port), context.pinning_client_context(), timeout=timeout)
+        except TransportError as exc:
+            last = exc
+            continue
+        try:
+            pinning.verify_pinned(stream, fingerprint, trust_domain, dt.datetime.now(dt.UTC))
+            status, _h, parsed = _roundtrip(stream, "POST", "/v1/enroll", body, (), server, timeout)
+        except TransportError as exc:
+            stream.abort()
+            last = exc
+            continue
+        except BaseException:
+            stream.abort()
+            raise
+        stream.close(time.monotonic() + 1.0)
+        _raise_for(status, parsed)
+        return parsed
+    raise TransportError(f"no control-plane server answered ({', '.join(servers)}): {last}")

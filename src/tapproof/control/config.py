@@ -1,0 +1,106 @@
+"""Server configuration: ``D/server.toml`` written by ``init``, overridden by flags and env.
+
+One name everywhere: flag ``--leaf-ttl``, key ``leaf_ttl``, variable ``TAPPROOF_LEAF_TTL``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from tapproof.errors import ConfigError
+from tapproof.fsutil import write_atomic
+from tapproof.identity import check_trust_domain
+from tapproof.units import format_duration, parse_duration, parse_hostport
+
+DEFAULT_LISTEN = "127.0.0.1:7443"
+DEFAULT_METRICS = "127.0.0.1:7446"
+_KEYS = ("trust_domain", "db", "listen", "advertise", "leaf_ttl", "metrics")
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    """Everything ``tapproof server`` needs to run."""
+
+    data_dir: Path
+    trust_domain: str
+    db: str
+    listen: str = DEFAULT_LISTEN
+    advertise: tuple[str, ...] = ()  # addresses put into join strings; default: the listen address
+    leaf_ttl: dt.timedelta = dt.timedelta(hours=1)
+    metrics: str = DEFAULT_METRICS  # "" disables the Prometheus endpoint
+
+    def __post_init__(self) -> None:
+        check_trust_domain(self.trust_domain)
+        parse_hostport(self.listen, what="--listen", allow_zero=True)
+        for a in self.advertise:
+            parse_hostport(a, what="--advertise")
+        if self.metrics:
+            parse_hostport(self.metrics, what="--metrics", allow_zero=True)
+        if not dt.timedelta(minutes=1) <= self.leaf_ttl <= dt.timedelta(days=30):
+            raise ConfigError("--leaf-ttl: must be between 1m and 30d")
+        if not (self.db.startswith("sqlite:///") or self.db.startswith("postgresql://")):
+            raise ConfigError(f"--db: {self.db!r} is not sqlite:///PATH or postgresql://...")
+
+    @property
+    def path(self) -> Path:
+        """``D/server.toml``."""
+        return self.data_dir / "server.toml"
+
+    def save(self) -> None:
+        """Write ``D/server.toml`` (JSON strings are valid TOML basic strings)."""
+        lines = [
+            "# tapproof server configuration (written by `tapproof server init`)",
+            f"trust_domain = {json.dumps(self.trust_domain)}",
+            f"db = {json.dumps(self.db)}",
+            f"listen = {json.dumps(self.listen)}",
+            f"advertise = {json.dumps(list(self.advertise))}",
+            f"leaf_ttl = {json.dumps(format_duration(self.leaf_ttl))}",
+            f"metrics = {json.dumps(self.metrics)}",
+        ]
+        write_atomic(self.path, ("\n".join(lines) + "\n").encode(), mode=0o600)
+
+
+def default_db(data_dir: Path) -> str:
+    """SQLite inside the data dir."""
+    return f"sqlite:///{(Path(data_dir) / 'tapproof.db').resolve()}"
+
+
+def load(data_dir: Path, overrides: dict[str, Any] | None = None) -> ServerConfig:
+    """Load ``D/server.toml``, then environment ``TAPPROOF_*``, then ``overrides`` (flags; None = unset)."""
+    data_dir = Path(data_dir)
+    path = data_dir / "server.toml"
+    if not path.exists():
+        raise ConfigError(f"--data-dir: {data_dir} has no server.toml: run `tapproof server init` first")
+    try:
+        raw: dict[str, Any] = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError) as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    unknown = set(raw) - set(_KEYS)
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}")
+    for key in _KEYS:
+        env = os.environ.get(f"TAPPROOF_{key.upper()}")
+        if env is not None:
+            raw[key] = env.split(",") if key == "advertise" else env
+    raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    try:
+        advertise = raw.get("advertise", [])
+        if isinstance(advertise, str):
+            advertise = [advertise]
+        return ServerConfig(
+            data_dir=data_dir,
+            trust_domain=str(raw["trust_domain"]),
+            db=str(raw.get("db") or default_db(data_dir)),
+            listen=str(raw.get("listen", DEFAULT_LISTEN)),
+            advertise=tuple(str(a) for a in advertise),
+            leaf_ttl=parse_duration(str(raw.get("leaf_ttl", "1h")), what="leaf_ttl"),
+            metrics=str(raw.get("metrics", DEFAULT_METRICS)),
+        )
+    except KeyError as exc:
+        raise ConfigError(f"{path}: missing key {exc.args[0]}") from exc

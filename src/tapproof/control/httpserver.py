@@ -1,0 +1,227 @@
+"""The API server shell: TCP accept, TLS 1.3 + X25519MLKEM768 handshake with a deadline,
+peer checks, then HTTP/1.1 via h11 (keep-alive), one thread per connection (bounded).
+
+The logic is in ``control.api``/``control.service``; this module owns sockets and threads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import socket
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable
+
+import h11
+from OpenSSL import SSL
+from prometheus_client import Counter, Gauge
+
+from tapproof import identity
+from tapproof.control import api
+from tapproof.control.service import ControlPlane
+from tapproof.errors import PeerRejected, TransportError
+from tapproof.logs import log_event
+from tapproof.tls.peer import check_peer
+from tapproof.tls.stream import TLSStream
+from tapproof.units import format_hostport
+
+log = logging.getLogger(__name__)
+HANDSHAKE_FAILED = Counter("tapproof_server_handshakes_failed", "TLS handshakes refused", ["reason"])
+CONNECTIONS = Gauge("tapproof_server_connections", "Open API connections")
+
+HANDSHAKE_TIMEOUT = 5.0
+IDLE_TIMEOUT = 30.0
+MAX_CONNECTIONS = 256
+MAX_HEADER_BYTES = 64 * 1024
+
+
+class APIServer:
+    """Serve the control-plane API on one listening socket until :meth:`stop`."""
+
+    def __init__(self, cp: ControlPlane, ctx_factory: Callable[[], SSL.Context], sock: socket.socket):
+        self.cp = cp
+        self.ctx_factory = ctx_factory
+        self.sock = sock
+        self._stop = threading.Event()
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self._threads: set[threading.Thread] = set()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def bind(host: str, port: int) -> socket.socket:
+        """Create the listening socket (IPv4 or IPv6)."""
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            sock.close()
+            raise TransportError(f"--listen: cannot bind {format_hostport(host, port)}: {exc.strerror}") from exc
+        sock.listen(512)
+        return sock
+
+    @property
+    def port(self) -> int:
+        """The bound port."""
+        return int(self.sock.getsockname()[1])
+
+    def serve_forever(self) -> None:
+        """Accept connections until :meth:`stop`."""
+        self.sock.settimeout(0.5)
+        while not self._stop.is_set():
+            try:
+                conn, addr = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                if self._stop.is_set():
+                    break
+                time.sleep(0.05)
+                continue
+            if not self._slots.acquire(blocking=False):
+                HANDSHAKE_FAILED.labels("too-many-connections").inc()
+                with contextlib.suppress(OSError):
+                    conn.close()
+                continue
+            t = threading.Thread(target=self._serve_one, args=(conn, addr), daemon=True)
+            with self._lock:
+                self._threads.add(t)
+            t.start()
+
+    def stop(self, grace: float = 5.0) -> None:
+        """Stop accepting, wait up to ``grace`` seconds for requests in flight."""
+        self._stop.set()
+        with contextlib.suppress(OSError):
+            self.sock.close()
+        deadline = time.monotonic() + grace
+        with self._lock:
+            threads = list(self._threads)
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+
+    def _serve_one(self, conn: socket.socket, addr: tuple[str, int]) -> None:
+        source = format_hostport(addr[0], addr[1])
+        CONNECTIONS.inc()
+        try:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            stream = TLSStream.server(self.ctx_factory(), conn)
+            try:
+                stream.handshake(time.monotonic() + HANDSHAKE_TIMEOUT)
+                peer = self._peer(stream)
+            except (PeerRejected, TransportError) as exc:
+                reason = exc.reason.value if isinstance(exc, PeerRejected) else "transport"
+                HANDSHAKE_FAILED.labels(reason).inc()
+                log_event(
+                    log, "handshake-refused", level=logging.WARNING, reason=reason, source=source, detail=str(exc)
+                )
+                stream.abort()
+                return
+            self._http(stream, peer, source)
+            stream.close()
+        except Exception:
+            log.exception("connection-error", extra={"event": "connection-error", "source": source})
+            with contextlib.suppress(OSError):
+                conn.close()
+        finally:
+            CONNECTIONS.dec()
+            self._slots.release()
+            with self._lock:
+                self._threads.discard(threading.current_thread())
+
+    def _peer(self, stream: TLSStream) -> identity.SpiffeID | None:
+        if stream.conn.get_peer_certificate() is None:
+            return None  # allowed by the TLS context only for public routes
+        return check_peer(
+            stream,
+            trust_domain=self.cp.td,
+            now=self.cp.clock.now(),
+            usage="client",
+            revoked=self.cp.revoked_serials(),
+        )
+
+    def _http(self, stream: TLSStream, peer: identity.SpiffeID | None, source: str) -> None:
+        h = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
+        while not self._stop.is_set():
+            try:
+                req = self._read_request(h, stream, peer, source)
+            except h11.RemoteProtocolError as exc:
+                self._send(
+                    h, stream, api.Response(exc.error_status_hint, {"error": {"code": "bad-http", "message": str(exc)}})
+                )
+                return
+            except TransportError:
+                return
+            if req is None:
+                return
+            resp = api.handle(self.cp, req)
+            try:
+                self._send(h, stream, resp)
+            except TransportError:
+                return
+            if h.our_state is h11.MUST_CLOSE or h.their_state is h11.MUST_CLOSE:
+                return
+            try:
+                h.start_next_cycle()
+            except h11.LocalProtocolError:
+                return
+
+    def _next(self, h: h11.Connection, stream: TLSStream, deadline: float) -> object:
+        while True:
+            event = h.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            h.receive_data(stream.recv(65536, deadline))
+
+    def _read_request(
+        self, h: h11.Connection, stream: TLSStream, peer: identity.SpiffeID | None, source: str
+    ) -> api.Request | None:
+        deadline = time.monotonic() + IDLE_TIMEOUT
+        event = self._next(h, stream, deadline)
+        if isinstance(event, h11.ConnectionClosed):
+            return None
+        if not isinstance(event, h11.Request):
+            raise h11.RemoteProtocolError("expected a request", error_status_hint=400)
+        headers = {k.decode().lower(): v.decode("latin-1") for k, v in event.headers}
+        length = headers.get("content-length", "0")
+        if not length.isdigit() or int(length) > api.MAX_BODY:
+            raise h11.RemoteProtocolError("request body too large (limit 1 MiB)", error_status_hint=413)
+        body = bytearray()
+        while True:
+            ev = self._next(h, stream, deadline)
+            if isinstance(ev, h11.Data):
+                body += ev.data
+                if len(body) > api.MAX_BODY:
+                    raise h11.RemoteProtocolError("request body too large (limit 1 MiB)", error_status_hint=413)
+            elif isinstance(ev, h11.EndOfMessage):
+                break
+            else:
+                raise h11.RemoteProtocolError("unexpected event", error_status_hint=400)
+        url = urllib.parse.urlsplit(event.target.decode("ascii", "replace"))
+        query = dict(urllib.parse.parse_qsl(url.query))
+        return api.Request(
+            method=event.method.decode("ascii", "replace"),
+            path=url.path,
+            query=query,
+            body=bytes(body),
+            peer=peer,
+            source=source,
+            if_none_match=headers.get("if-none-match", ""),
+        )
+
+    def _send(self, h: h11.Connection, stream: TLSStream, resp: api.Response) -> None:
+        payload = b"" if resp.body is None else json.dumps(resp.body).encode()
+        headers = [("Content-Type", "application/json"), ("Content-Length", str(len(payload))), *resp.headers]
+        if resp.status >= 400 and resp.status not in (403, 404, 409):
+            headers.append(("Connection", "close"))
+        deadline = time.monotonic() + IDLE_TIMEOUT
+        try:
+            out = h.send(h11.Response(status_code=resp.status, headers=headers))
+            out = (out or b"") + (h.send(h11.Data(data=payload)) or b"") if payload else out
+            out = (out or b"") + (h.send(h11.EndOfMessage()) or b"")
+        except h11.LocalProtocolError as exc:
+            raise TransportError(f"cannot send response: {exc}") from exc
+        stream.sendall(out, deadline)

@@ -1,0 +1,150 @@
+"""``tapproof server run``: wire config, store, CA, credentials, API server and metrics together."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import logging
+import os
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+from OpenSSL import SSL
+from prometheus_client import start_http_server
+
+from tapproof import identity
+from tapproof.clock import Clock
+from tapproof.control import admin
+from tapproof.control import config as server_config
+from tapproof.control.httpserver import APIServer
+from tapproof.control.service import ControlPlane, address_list
+from tapproof.errors import ConfigError, TransportError
+from tapproof.logs import log_event
+from tapproof.pki import certs
+from tapproof.pki.ca import load_ca
+from tapproof.store import CertificateRecord, open_store
+from tapproof.tls import context
+from tapproof.tls.credentials import Credentials, TrustBundle
+from tapproof.units import parse_hostport
+
+log = logging.getLogger(__name__)
+SERVER_CERT_LIFETIME = dt.timedelta(hours=24)
+
+
+class ServerCredentials:
+    """The server's own TLS identity, renewed at half-life; contexts are rebuilt on renewal."""
+
+    def __init__(self, cp: ControlPlane) -> None:
+        self.cp = cp
+        self._lock = threading.Lock()
+        self._ctx: SSL.Context | None = None
+        self._creds: Credentials | None = None
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Issue a new server certificate (new key) and build a new context."""
+        cp = self.cp
+        now = cp.clock.now()
+        sid = identity.server_id(cp.td)
+        creds = cp.ca.credentials_for(sid, now, SERVER_CERT_LIFETIME)
+        # Send the root too: a new agent pins the root by fingerprint before it has a bundle.
+        full = Credentials(creds.key, (*creds.chain, cp.ca.root))
+        leaf = creds.leaf
+        cp.store.record_certificate(
+            CertificateRecord(
+                certs.serial_hex(leaf),
+                str(sid),
+                "server",
+                leaf.not_valid_before_utc,
+                leaf.not_valid_after_utc,
+                now,
+                cp.name,
+            )
+        )
+        bundle = TrustBundle.from_pem(cp.bundle_pem().encode())
+        ctx = context.server_context(full, bundle, require_client_cert=False)
+        with self._lock:
+            self._creds, self._ctx = full, ctx
+        log_event(log, "server-credentials", serial=certs.serial_hex(leaf), not_after=leaf.not_valid_after_utc)
+
+    def context(self) -> SSL.Context:
+        """The current context (new connections use it; live ones keep theirs)."""
+        with self._lock:
+            assert self._ctx is not None  # noqa: S101 - set in __init__
+            return self._ctx
+
+    def due(self) -> bool:
+        """True past half-life."""
+        with self._lock:
+            assert self._creds is not None  # noqa: S101
+            c = self._creds
+        return self.cp.clock.now() >= c.not_before + (c.not_after - c.not_before) / 2
+
+
+def run(data_dir: Path, overrides: dict[str, Any], clock: Clock, ready: threading.Event | None = None) -> int:
+    """Run the server until SIGTERM/SIGINT."""
+    cfg = server_config.load(data_dir, overrides)
+    store = open_store(cfg.db)
+    ca = load_ca(data_dir, cfg.trust_domain)
+    host, port = parse_hostport(cfg.listen, what="--listen", allow_zero=True)
+    sock = APIServer.bind(host, port)
+    addresses = address_list(cfg.listen, int(sock.getsockname()[1]), cfg.advertise)
+    cp = ControlPlane(store, ca, cfg, clock, addresses)
+    creds = ServerCredentials(cp)
+    server = APIServer(cp, creds.context, sock)
+    if cfg.metrics:
+        mhost, mport = parse_hostport(cfg.metrics, what="--metrics", allow_zero=True)
+        try:
+            start_http_server(mport, addr=mhost)
+        except OSError as exc:
+            sock.close()
+            raise TransportError(f"--metrics: cannot bind {cfg.metrics}: {exc.strerror}") from exc
+    admin.write_run_file(data_dir, addresses, os.getpid())
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log_event(log, "server-stopping", signal=signal.Signals(signum).name)
+        stop.set()
+        server.stop()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+
+    def maintain() -> None:
+        while not stop.wait(30.0):
+            try:
+                if creds.due():
+                    creds.refresh()
+            except Exception:
+                log.exception("server-credentials-refresh-failed", extra={"event": "server-credentials-failed"})
+
+    threading.Thread(target=maintain, daemon=True, name="maintain").start()
+    log_event(
+        log,
+        "server-started",
+        addresses=addresses,
+        trust_domain=cfg.trust_domain,
+        db=cfg.db.split("@")[-1],
+        fingerprint=ca.root_fingerprint,
+    )
+    if ready is not None:
+        ready.set()
+    try:
+        server.serve_forever()
+    finally:
+        stop.set()
+        store.close()
+        with contextlib.suppress(OSError):
+            admin.run_file(data_dir).unlink()
+    return 0
+
+
+def check_data_dir(data_dir: Path) -> Path:
+    """Refuse a data dir that is not a directory."""
+    p = Path(data_dir)
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"--data-dir: {p} is not a directory")
+    return p

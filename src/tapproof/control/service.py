@@ -1,0 +1,309 @@
+"""The control plane's logic: tokens, enrollment, renewal, registry, policy, revocation, status.
+
+Takes a Store, a LocalCA and a Clock; no sockets (the HTTP shell is in
+``control.httpserver``, routing in ``control.api``). Every admin action and
+every issuance lands in the append-only audit log.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import logging
+import threading
+from typing import Any
+
+from prometheus_client import Counter
+
+from tapproof import identity
+from tapproof.clock import Clock
+from tapproof.control.config import ServerConfig
+from tapproof.control.joinstring import JoinString, hash_secret, new_secret
+from tapproof.errors import ConfigError, EnrollmentRefused, NotFound, PeerReason, PeerRejected, TokenReason
+from tapproof.logs import log_event
+from tapproof.pki import certs, csr
+from tapproof.pki.ca import LocalCA
+from tapproof.pki.verify import spiffe_id_of
+from tapproof.policy import model as policy
+from tapproof.store import CertificateRecord, PolicyRuleRecord, ServiceRecord, Store, TokenRecord
+from tapproof.units import format_hostport, parse_hostport
+
+log = logging.getLogger(__name__)
+
+ISSUED = Counter("tapproof_server_certificates_issued", "Certificates issued", ["kind"])
+ENROLL_REFUSED = Counter("tapproof_server_enrollments_refused", "Enrollments refused", ["reason"])
+MAX_TOKEN_TTL = dt.timedelta(days=7)
+
+
+@dataclasses.dataclass(frozen=True)
+class Issued:
+    """A freshly issued certificate chain and the trust bundle to go with it."""
+
+    spiffe_id: str
+    chain_pem: str
+    bundle_pem: str
+    not_after: dt.datetime
+    serial: str
+
+
+class ControlPlane:
+    """The control plane's operations, one method per API call."""
+
+    def __init__(self, store: Store, ca: LocalCA, config: ServerConfig, clock: Clock, server_addresses: list[str]):
+        self.store = store
+        self.ca = ca
+        self.config = config
+        self.clock = clock
+        self.td = ca.trust_domain
+        self.server_addresses = server_addresses
+        self.name = str(identity.server_id(self.td))
+        self._revoked_cache: tuple[float, frozenset[str]] = (-1e9, frozenset())
+        self._lock = threading.Lock()
+
+    # --- helpers -------------------------------------------------------------
+    def audit(self, actor: str, event: str, **detail: Any) -> None:
+        """Append to the audit log."""
+        self.store.append_audit(self.clock.now(), actor, event, detail)
+
+    def _record(self, chain: tuple[Any, ...], kind: str, host: str | None) -> CertificateRecord:
+        leaf = chain[0]
+        return CertificateRecord(
+            serial=certs.serial_hex(leaf),
+            spiffe_id=_sid(leaf),
+            kind=kind,  # type: ignore[arg-type]
+            not_before=leaf.not_valid_before_utc,
+            not_after=leaf.not_valid_after_utc,
+            issued_at=self.clock.now(),
+            issuer=self.name,
+            host=host,
+        )
+
+    def bundle_pem(self) -> str:
+        """The trust bundle: every root in the store (active, prepared, retiring)."""
+        roots = self.store.list_trust_roots()
+        if not roots:
+            return certs.to_pem(self.ca.root).decode()
+        return "".join(r.cert_pem for r in roots)
+
+    def revoked_serials(self, max_age: float = 2.0) -> frozenset[str]:
+        """Revoked serials, cached for ``max_age`` seconds (checked on every API connection)."""
+        now_m = self.clock.monotonic()
+        with self._lock:
+            ts, cached = self._revoked_cache
+            if now_m - ts < max_age:
+                return cached
+        fresh = frozenset(self.store.revoked_serials(self.clock.now()))
+        with self._lock:
+            self._revoked_cache = (now_m, fresh)
+        return fresh
+
+    # --- tokens and enrollment ------------------------------------------------
+    def create_token(self, host: str, ttl: dt.timedelta, actor: str) -> str:
+        """Make a one-time join string for ``host``; store only its hash."""
+        identity.check_name(host, what="--host")
+        if not dt.timedelta(seconds=10) <= ttl <= MAX_TOKEN_TTL:
+            raise ConfigError("--ttl: must be between 10s and 7d")
+        try:
+            h = self.store.get_host(host)
+            if h.revoked_at is not None:
+                raise ConfigError(f"--host: {host} is revoked; a revoked name cannot enroll again")
+        except NotFound:
+            pass
+        secret = new_secret()
+        now = self.clock.now()
+        self.store.add_token(TokenRecord(hash_secret(secret), host, now, now + ttl, None, actor))
+        self.audit(actor, "token-create", host=host, expires_at=(now + ttl).isoformat())
+        js = JoinString(tuple(self.server_addresses), self.td, self.ca.root_fingerprint, secret)
+        return js.encode()
+
+    def enroll(self, secret: str, csr_pem: str, source: str) -> Issued:
+        """Redeem a token with a CSR; the identity comes from the token, never the CSR."""
+        if not isinstance(secret, str) or not 20 <= len(secret) <= 128:
+            ENROLL_REFUSED.labels(TokenReason.UNKNOWN.value).inc()
+            raise EnrollmentRefused(TokenReason.UNKNOWN)
+        now = self.clock.now()
+        issued: dict[str, Any] = {}
+
+        def issue(host: str) -> CertificateRecord:
+            sid = identity.host_id(self.td, host)
+            key = csr.check(csr_pem, sid)
+            chain = self.ca.issue(key, sid, now, self.config.leaf_ttl)
+            issued["chain"] = chain
+            return self._record(chain, "host", host)
+
+        try:
+            token, record = self.store.redeem_token(hash_secret(secret), now, issue)
+        except EnrollmentRefused as exc:
+            ENROLL_REFUSED.labels(exc.reason.value).inc()
+            log_event(log, "enroll-refused", level=logging.WARNING, reason=exc.reason.value, source=source)
+            raise
+        ISSUED.labels("host").inc()
+        self.audit("token:" + hash_secret(secret)[:12], "enroll", host=token.host, serial=record.serial, source=source)
+        log_event(log, "enrolled", host=token.host, serial=record.serial, source=source)
+        return self._issued(issued["chain"])
+
+    def _issued(self, chain: tuple[Any, ...]) -> Issued:
+        return Issued(
+            spiffe_id=_sid(chain[0]),
+            chain_pem=certs.to_pem(chain).decode(),
+            bundle_pem=self.bundle_pem(),
+            not_after=chain[0].not_valid_after_utc,
+            serial=certs.serial_hex(chain[0]),
+        )
+
+    def renew(self, peer: identity.SpiffeID, csr_pem: str) -> Issued:
+        """Issue a new certificate (new key) for an authenticated host."""
+        if peer.kind is not identity.Kind.HOST:
+            raise PeerRejected(PeerReason.WRONG_IDENTITY, f"{peer} cannot renew (hosts only)")
+        try:
+            host = self.store.get_host(peer.name)
+        except NotFound as exc:
+            raise PeerRejected(PeerReason.UNTRUSTED, f"{peer} is not an enrolled host") from exc
+        if host.revoked_at is not None:
+            raise PeerRejected(PeerReason.REVOKED, f"{peer} is revoked")
+        key = csr.check(csr_pem, peer)
+        chain = self.ca.issue(key, peer, self.clock.now(), self.config.leaf_ttl)
+        rec = self._record(chain, "host", peer.name)
+        self.store.record_certificate(rec)
+        self.store.update_host_seen(peer.name, self.clock.now())
+        ISSUED.labels("host").inc()
+        self.audit(str(peer), "renew", serial=rec.serial)
+        return self._issued(chain)
+
+    # --- registry ---------------------------------------------------------------
+    def register(self, peer: identity.SpiffeID, advertise: str, services: dict[str, str]) -> None:
+        """Record the host's advertised tunnel address and the services it fronts."""
+        if peer.kind is not identity.Kind.HOST:
+            raise PeerRejected(PeerReason.WRONG_IDENTITY, f"{peer} cannot register services")
+        parse_hostport(advertise, what="advertise")
+        now = self.clock.now()
+        recs = [
+            ServiceRecord(identity.check_name(name, what="service"), peer.name, advertise, now) for name in services
+        ]
+        self.store.update_host_seen(peer.name, now, advertise)
+        self.store.register_services(peer.name, recs)
+
+    def registry(self) -> dict[str, Any]:
+        """Hosts with their tunnel addresses, and services with where they are."""
+        hosts = {
+            h.name: {"advertise": h.advertise, "revoked": h.revoked_at is not None} for h in self.store.list_hosts()
+        }
+        services = [
+            {
+                "name": s.name,
+                "host": s.host,
+                "advertise": s.advertise,
+                "spiffe_id": str(identity.service_id(self.td, s.name)),
+            }
+            for s in self.store.list_services()
+        ]
+        return {"hosts": hosts, "services": services}
+
+    # --- policy --------------------------------------------------------------------
+    def policy(self) -> dict[str, Any]:
+        """Rules, default and version (agents poll this with ETag)."""
+        version, rules = self.store.list_policy_rules()
+        default = self.store.get_setting("default_policy", "allow") or "allow"
+        return {
+            "version": f"{version}-{default}",
+            "default": default,
+            "rules": [
+                {
+                    "id": r.rule_id,
+                    "action": r.action,
+                    "source": r.source,
+                    "service": r.service,
+                    "ports": r.ports,
+                    "comment": r.comment,
+                }
+                for r in rules
+            ],
+        }
+
+    def add_rule(self, action: str, source: str, service: str, ports: str, comment: str, actor: str) -> int:
+        """Validate and store a rule."""
+        if action not in ("allow", "deny"):
+            raise ConfigError(f"action: {action!r} is not allow or deny")
+        src = policy.parse_source(source, self.td)
+        svc = policy.parse_service(service)
+        rng = policy.format_ports(policy.parse_ports(ports))
+        rec = self.store.add_policy_rule(
+            PolicyRuleRecord(0, action, src, svc, rng, self.clock.now(), comment[:200])  # type: ignore[arg-type]
+        )
+        self.audit(actor, "policy-add", rule_id=rec.rule_id, action=action, source=src, service=svc, ports=rng)
+        return rec.rule_id
+
+    def remove_rule(self, rule_id: int, actor: str) -> None:
+        """Delete a rule."""
+        self.store.remove_policy_rule(rule_id)
+        self.audit(actor, "policy-remove", rule_id=rule_id)
+
+    def set_default_policy(self, value: str, actor: str) -> None:
+        """Set ``default_policy`` to allow or deny."""
+        if value not in ("allow", "deny"):
+            raise ConfigError(f"default_policy: {value!r} is not allow or deny")
+        self.store.set_setting("default_policy", value)
+        self.audit(actor, "policy-default", value=value)
+
+    # --- revocation ------------------------------------------------------------------
+    def revoke_host(self, name: str, reason: str, actor: str) -> list[str]:
+        """Revoke a host and its live certificates."""
+        serials = self.store.revoke_host(name, self.clock.now(), reason[:200])
+        with self._lock:
+            self._revoked_cache = (-1e9, frozenset())
+        self.audit(actor, "revoke-host", host=name, serials=serials, reason=reason[:200])
+        log_event(log, "revoked", level=logging.WARNING, host=name, serials=serials)
+        return serials
+
+    def revoke_serial(self, serial: str, reason: str, actor: str) -> str:
+        """Revoke one certificate by serial (hex)."""
+        serial = serial.lower().removeprefix("0x")
+        rec = self.store.revoke_certificate(serial, self.clock.now())
+        with self._lock:
+            self._revoked_cache = (-1e9, frozenset())
+        self.audit(actor, "revoke-serial", serial=serial, spiffe_id=rec.spiffe_id, reason=reason[:200])
+        return rec.spiffe_id
+
+    def revocations(self) -> dict[str, Any]:
+        """What agents need to refuse revoked peers."""
+        hosts = [h.name for h in self.store.list_hosts() if h.revoked_at is not None]
+        return {"serials": sorted(self.store.revoked_serials(self.clock.now())), "hosts": sorted(hosts)}
+
+    # --- status ---------------------------------------------------------------------
+    def status(self, soon: dt.timedelta = dt.timedelta(minutes=15)) -> dict[str, Any]:
+        """CA expiry, counts, certificates expiring soon."""
+        now = self.clock.now()
+        hosts = self.store.list_hosts()
+        expiring = self.store.certificates_expiring(now, soon)
+        return {
+            "trust_domain": self.td,
+            "server": self.name,
+            "now": now.isoformat(),
+            "root": {
+                "not_after": self.ca.root.not_valid_after_utc.isoformat(),
+                "fingerprint": self.ca.root_fingerprint,
+            },
+            "intermediate": {"not_after": self.ca.intermediate.not_valid_after_utc.isoformat()},
+            "hosts": {"total": len(hosts), "revoked": sum(1 for h in hosts if h.revoked_at is not None)},
+            "services": len(self.store.list_services()),
+            "leaf_ttl_seconds": int(self.config.leaf_ttl.total_seconds()),
+            "expiring_soon": [
+                {"serial": c.serial, "spiffe_id": c.spiffe_id, "not_after": c.not_after.isoformat()} for c in expiring
+            ],
+            "default_policy": self.store.get_setting("default_policy", "allow"),
+            "addresses": self.server_addresses,
+        }
+
+
+def _sid(leaf: Any) -> str:
+    return str(spiffe_id_of(leaf))
+
+
+def address_list(listen: str, bound_port: int, advertise: tuple[str, ...]) -> list[str]:
+    """Addresses to put into join strings: the configured ones, or the bound listen address."""
+    if advertise:
+        return list(advertise)
+    host, _ = parse_hostport(listen, what="--listen", allow_zero=True)
+    if host in ("0.0.0.0", "::"):  # noqa: S104 - a wildcard listen is reached via loopback locally
+        host = "127.0.0.1" if host == "0.0.0.0" else "::1"  # noqa: S104
+    return [format_hostport(host, bound_port)]
