@@ -17,7 +17,7 @@ from tapproof import __version__, logs
 from tapproof.errors import ConfigError, TapproofError
 
 # Each module has ``register(subparsers)`` that adds its parser and sets ``func``.
-_COMMANDS = ("server", "agent", "audit", "demo")
+_COMMANDS = ("server", "agent")
 
 EXIT_OK = 0
 EXIT_FAIL = 1
@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level",
         default="info",
         choices=["debug", "info", "warning", "error"],
-        help="log level (stderr, JSON lines)",
+        help="log level (stderr, JSON lines; default: info for daemons, warning otherwise)",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in _COMMANDS:
@@ -52,7 +52,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse exits 2 on usage errors, 0 on --help
         return int(exc.code or 0)
-    logs.setup("debug" if args.debug else args.log_level)
+    level = args.log_level or ("info" if getattr(args, "daemon", False) else "warning")
+    logs.setup("debug" if args.debug else level)
     try:
         rc = args.func(args)
     except KeyboardInterrupt:
