@@ -168,14 +168,14 @@ class PgServer:
         """Create an empty database; return its URL."""
         name = name or f"t{os.getpid()}_{next(self._names)}"
         with psycopg.connect(self.url, autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{name}" TEMPLATE template0')  # type: ignore[arg-type]
+            conn.execute(f'CREATE DATABASE "{name}" TEMPLATE template0')
         return self.url_for(name)
 
     def drop_database(self, url: str) -> None:
         """Drop the database of ``url`` (closing its connections)."""
         name = url.rsplit("/", 1)[1]
         with psycopg.connect(self.url, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')  # type: ignore[arg-type]
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def start_postgres(tmpdir: Path) -> PgServer:

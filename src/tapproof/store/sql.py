@@ -38,6 +38,7 @@ from tapproof.errors import (
     NotFound,
     SchemaMismatch,
     StoreError,
+    StoreUnavailable,
     TokenReason,
 )
 from tapproof.store import migrations
@@ -625,8 +626,13 @@ def open_store(url: str, *, migrate: bool = False) -> SQLStore:
     """
     parsed = parse_url(url)
     sqlite_file = parsed.database if parsed.get_backend_name() == "sqlite" else None
-    if not migrate and sqlite_file and not Path(sqlite_file).exists():
-        _check_version(0, redact(parsed), migrate=False)  # refuse without leaving a file behind
+    if not migrate and sqlite_file:
+        try:
+            exists = Path(sqlite_file).exists()
+        except OSError as exc:
+            raise StoreUnavailable(f"open store: cannot use {redact(parsed)}: {exc}") from exc
+        if not exists:
+            _check_version(0, redact(parsed), migrate=False)  # refuse without leaving a file behind
     engine = make_engine(parsed)
     try:
         if migrate:
