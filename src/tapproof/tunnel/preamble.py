@@ -120,9 +120,7 @@ def _parse_target_bytes(raw: bytes) -> Target | None:
         except ValueError:
             return None
         return Target(Kind.ADDRESS, host=str(addr), port=int(port))
-    if _IPV4.fullmatch(host) or (
-        len(host) <= 253 and _DNS.fullmatch(host) and not host.rpartition(b".")[2].isdigit()
-    ):
+    if _IPV4.fullmatch(host) or (len(host) <= 253 and _DNS.fullmatch(host) and not host.rpartition(b".")[2].isdigit()):
         # A DNS name whose last label is numeric (``01.2.3.4``, ``1.2.3``) is refused:
         # resolvers read those as (octal, short) IPv4 forms.
         return Target(Kind.ADDRESS, host=host.decode("ascii"), port=int(port))
@@ -339,17 +337,13 @@ class ServerPreamble:
 class ClientPreamble:
     """The client agent's side: build the request; feed response bytes, get a response event."""
 
-    def __init__(
-        self, target: str, *, source: str | None = None, request_id: str | None = None
-    ) -> None:
+    def __init__(self, target: str, *, source: str | None = None, request_id: str | None = None) -> None:
         self.target = parse_target(target)
         if source is not None:
             parsed = parse_target(source)
             if parsed.kind is not Kind.ADDRESS:
                 raise LocalProtocolError("source must be host:port")
-        if request_id is not None and not _REQUEST_ID.fullmatch(
-            request_id.encode("ascii", "replace")
-        ):
+        if request_id is not None and not _REQUEST_ID.fullmatch(request_id.encode("ascii", "replace")):
             raise LocalProtocolError("request id must be 1-64 characters of [A-Za-z0-9._-]")
         self._source = source
         self._request_id = request_id
