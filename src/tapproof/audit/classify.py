@@ -340,7 +340,7 @@ def _tls_resync(data: bytes) -> bool:
         while tls.looks_like_tls(data[at : at + 5]) and at + 5 <= len(data):
             at += 5 + ((data[at + 3] << 8) | data[at + 4])
             n += 1
-            if n >= 2 and at <= len(data):
+            if (n >= 2 and at <= len(data)) or at == len(data):
                 return True
         if n == 1 and at > len(data) and pos == 0:
             return True  # one record that runs past what we hold, starting at the start

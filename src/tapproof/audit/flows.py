@@ -21,6 +21,7 @@ __all__ = ["DEFAULT_LIMIT", "Flow", "FlowTable", "Stream"]
 FIN, SYN, RST, ACK = 0x01, 0x02, 0x04, 0x10
 DEFAULT_LIMIT = 16 * 1024
 IDLE_TIMEOUT = 300.0  # capture seconds without a packet before an undecided flow is decided
+CLOSED_LINGER = 30.0  # capture seconds a closed flow stays live for late ACKs and retransmissions
 
 
 class Stream:
@@ -102,6 +103,7 @@ class Flow:
     fin_c: bool = False
     fin_s: bool = False
     rst: bool = False
+    closed: bool = False
     c2s: Stream | None = None
     s2c: Stream | None = None
     want_c: int = 1
@@ -162,7 +164,7 @@ class FlowTable:
         else:
             flow, c2s = entry
             if flags & SYN and not flags & ACK and (flow.fin_c or flow.fin_s or flow.rst):
-                self._close(flow)  # the 4-tuple is reused by a new connection
+                self._retire(flow)  # the 4-tuple is reused by a new connection
                 flow, c2s = self._new(ts, seg)
         flow.packets += 1
         flow.last_seen = ts
@@ -179,7 +181,7 @@ class FlowTable:
                 flow.fin_s = True
         if flow.verdict is None:
             self._undecided(flow, c2s, seg)
-        if flow.rst or (flow.fin_c and flow.fin_s):
+        if not flow.closed and (flow.rst or (flow.fin_c and flow.fin_s)):
             self._close(flow)
         self._since_sweep += 1
         if self._since_sweep >= 65536:
@@ -235,6 +237,13 @@ class FlowTable:
             flow.want_s = max(cl.need_server, 1) if cl.need_server else 1 << 62
 
     def _close(self, flow: Flow) -> None:
+        """Decide a flow whose connection ended; it stays live for its last ACKs."""
+        if flow.verdict is None:
+            self._classify(flow, final=True)
+        flow.closed = True
+
+    def _retire(self, flow: Flow) -> None:
+        """Move a flow from the live table to the finished list."""
         if flow.verdict is None:
             self._classify(flow, final=True)
         for key in (
@@ -247,10 +256,14 @@ class FlowTable:
         self.finished.append(flow)
 
     def _sweep(self, now: float) -> None:
-        """Decide undecided flows idle for ``idle_timeout``: frees their buffers."""
+        """Decide undecided flows idle for ``idle_timeout`` (frees their buffers); retire closed ones."""
         self._since_sweep = 0
-        for flow, _ in list(self.live.values()):
-            if flow.verdict is None and now - flow.last_seen > self.idle_timeout:
+        for flow, c2s in list(self.live.values()):
+            if not c2s:
+                continue
+            if flow.closed and now - flow.last_seen > CLOSED_LINGER:
+                self._retire(flow)
+            elif flow.verdict is None and now - flow.last_seen > self.idle_timeout:
                 self._classify(flow, final=True)
 
     def buffered_bytes(self) -> int:
@@ -264,10 +277,10 @@ class FlowTable:
         return total
 
     def flush(self) -> None:
-        """Decide every live flow (end of the capture)."""
-        live = {id(f): f for f, _ in self.live.values()}
-        for flow in live.values():
-            self._close(flow)
+        """Decide and retire every live flow (end of the capture)."""
+        for flow, c2s in list(self.live.values()):
+            if c2s:
+                self._retire(flow)
 
     def flows(self) -> Iterator[Flow]:
         """All finished flows, in the order they closed."""

@@ -133,38 +133,43 @@ class _Cur:
         return self.end - self.pos
 
 
-def _handshake_stream(data: bytes) -> tuple[bytes, int, int | None, bool, bool]:
+def _handshake_stream(data: bytes) -> tuple[bytes, int, int | None, int | None, bool]:
     """Clear-text handshake bytes of one direction.
 
-    Returns (handshake bytes, bytes needed, first alert, encryption started, app data seen).
-    Handshake records after the first ChangeCipherSpec or application-data
-    record are encrypted and are not collected.
+    Returns (handshake bytes, bytes needed, first alert, offset in the handshake
+    bytes where the first ChangeCipherSpec came (None if none), app data seen).
+    Collection stops at the first application-data record. Handshake records
+    after a ChangeCipherSpec are still collected: in TLS 1.3 a ServerHello may
+    follow a HelloRetryRequest and its CCS; the caller decides what to trust.
     """
     records, need = parse_records(data)
     hs = bytearray()
     alert: int | None = None
-    encrypted = False
+    ccs_at: int | None = None
     app = False
     for ct, frag in records:
-        if ct == CT_HANDSHAKE and not encrypted:
+        if ct == CT_HANDSHAKE:
             hs += frag
-        elif ct in (CT_CCS, CT_APPDATA):
-            encrypted = True
-            app = app or ct == CT_APPDATA
-        elif ct == CT_ALERT and not encrypted and alert is None and len(frag) == 2:
+        elif ct == CT_CCS:
+            if ccs_at is None:
+                ccs_at = len(hs)
+        elif ct == CT_APPDATA:
+            app = True
+            break
+        elif ct == CT_ALERT and ccs_at is None and alert is None and len(frag) == 2:
             alert = frag[1]
-    return bytes(hs), need, alert, encrypted, app
+    return bytes(hs), need, alert, ccs_at, app
 
 
-def _messages(hs: bytes) -> tuple[list[tuple[int, bytes]], int]:
-    """Split handshake bytes into ``(type, body)`` messages; plus bytes missing for the next."""
-    out: list[tuple[int, bytes]] = []
+def _messages(hs: bytes, stop_at: int | None = None) -> tuple[list[tuple[int, bytes, int]], int]:
+    """Split handshake bytes into ``(type, body, offset)`` messages; plus bytes missing for the next."""
+    out: list[tuple[int, bytes, int]] = []
     pos, n = 0, len(hs)
     while pos + 4 <= n:
         length = (hs[pos + 1] << 16) | (hs[pos + 2] << 8) | hs[pos + 3]
         if pos + 4 + length > n:
             return out, pos + 4 + length - n
-        out.append((hs[pos], hs[pos + 4 : pos + 4 + length]))
+        out.append((hs[pos], hs[pos + 4 : pos + 4 + length], pos))
         pos += 4 + length
     return out, (4 - (n - pos) if pos < n else 0)
 
@@ -290,31 +295,42 @@ def parse(client: bytes, server: bytes) -> TLSInfo:
 
     info = TLSInfo()
     if client:
-        hs, need, alert, _enc, app = _handshake_stream(client)
+        hs, need, alert, ccs_at, app = _handshake_stream(client)
         msgs, missing = _messages(hs)
         info.alert = alert
         info.app_data = app
-        for mtype, body in msgs:
-            if mtype == HS_CLIENT_HELLO and not info.client_hello:
-                _client_hello(body, info)
+        if msgs and msgs[0][0] == HS_CLIENT_HELLO:
+            _client_hello(msgs[0][1], info)
+        elif msgs:
+            raise TLSParseError(f"first client handshake message is type {msgs[0][0]}")
         if not info.client_hello:
             info.need_client = need or (len(client) + missing if missing else 0)
     if server:
-        hs, need, alert, enc, app = _handshake_stream(server)
+        hs, need, alert, ccs_at, app = _handshake_stream(server)
         msgs, missing = _messages(hs)
         if info.alert is None:
             info.alert = alert
         info.app_data = info.app_data or app
-        for mtype, body in msgs:
-            if mtype == HS_SERVER_HELLO:
+        for mtype, body, offset in msgs:
+            after_ccs = ccs_at is not None and offset >= ccs_at
+            if after_ccs and not (mtype == HS_SERVER_HELLO and info.hello_retry and not info.server_hello):
+                info.server_done = True  # the rest is encrypted (TLS 1.2 Finished)
+                break
+            if mtype == HS_SERVER_HELLO and not info.server_hello:
                 _server_hello(body, info)
-            elif mtype == HS_CERTIFICATE and info.server_hello and info.version != 0x0304:
+            elif not info.server_hello:
+                raise TLSParseError(f"server handshake message type {mtype} before the server hello")
+            elif mtype == HS_CERTIFICATE and info.version != 0x0304:
                 _certificate(body, info)
-            elif mtype == HS_SKE and info.server_hello and info.cipher is not None:
+            elif mtype == HS_SKE and info.cipher is not None:
                 _server_key_exchange(body, info, cipher_suite(info.cipher).kx)
             elif mtype == HS_SHD:
                 info.server_done = True
-        if info.server_hello and (enc or info.version == 0x0304):
+                break
+            if info.server_hello and info.version == 0x0304:
+                info.server_done = True  # everything after the TLS 1.3 ServerHello is encrypted
+                break
+        if info.server_hello and (app or (ccs_at is not None and not info.hello_retry)):
             info.server_done = True
         if not info.server_done:
             info.need_server = need or (len(server) + missing if missing else len(server) + 1)
