@@ -50,10 +50,10 @@ def _base(unsafe_classical_groups: bool) -> SSL.Context:
 
 
 def _use_credentials(ctx: SSL.Context, creds: Credentials) -> None:
-    ctx.use_certificate(crypto.X509.from_cryptography(creds.leaf))
+    ctx.use_certificate(creds.leaf)
     for cert in creds.chain[1:]:
-        ctx.add_extra_chain_cert(crypto.X509.from_cryptography(cert))
-    ctx.use_privatekey(crypto.PKey.from_cryptography_key(creds.key))
+        ctx.add_extra_chain_cert(cert)
+    ctx.use_privatekey(creds.key)
     ctx.check_privatekey()
 
 
