@@ -78,7 +78,7 @@ def _matrix(links: list[dict[str, Any]], max_hosts: int = 30) -> str:
     if not pair:
         return "<p>No flows.</p>"
     cell, left, top = 22, 130, 110
-    w, h = left + cell * len(dsts) + 10, top + cell * len(srcs) + 10
+    w, h = left + cell * len(dsts) + 160, top + cell * len(srcs) + 10
     parts = [f'<svg width="{w}" height="{h}" role="img" aria-label="host-pair matrix">']
     for j, d in enumerate(dsts):
         x = left + j * cell + 15
