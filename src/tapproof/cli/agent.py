@@ -1,4 +1,4 @@
-"""``tapproof agent ...``: enroll (and, with the data plane, run)."""
+"""``tapproof agent ...``: enroll, run."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from tapproof.agent import enroll as enrollment
+from tapproof.agent.config import DEFAULT_ADMIN, DEFAULT_LISTEN_TUNNEL, DEFAULT_TRANSPARENT_PORT
 from tapproof.pki import certs
 
 
@@ -19,6 +20,53 @@ def register(sub: Any) -> None:
     sp.add_argument("--join", required=True, help="join string from `tapproof server token create`")
     sp.set_defaults(func=cmd_enroll)
 
+    sp = asub.add_parser(
+        "run",
+        help="run the agent: tunnel port, routes, sync with the control plane",
+        description="Flags override the --config file, which overrides nothing else; every flag is also a "
+        "TOML key (dashes become underscores) and a TAPPROOF_<KEY> variable. Repeatable flags replace "
+        "the file's list.",
+    )
+    sp.add_argument("--data-dir", required=True, type=Path, help="the agent's data directory")
+    sp.add_argument("--join", help="join string: enrolls on the first start (ignored once enrolled)")
+    sp.add_argument("--config", type=Path, help="TOML file with the settings below (re-read on SIGHUP)")
+    sp.add_argument("--listen-tunnel", help=f"HOST:PORT of the tunnel port (default {DEFAULT_LISTEN_TUNNEL})")
+    sp.add_argument("--advertise", help="HOST:PORT peers dial (default: the tunnel address, 127.0.0.1 for 0.0.0.0)")
+    sp.add_argument(
+        "--service", action="append", default=[], metavar="NAME=HOST:PORT", help="front a local service (repeatable)"
+    )
+    sp.add_argument(
+        "--route",
+        action="append",
+        default=[],
+        metavar="LISTEN_HOST:PORT=NAME@HOST",
+        help="local plaintext listener tunnelled to service NAME on HOST (repeatable)",
+    )
+    sp.add_argument("--mode", choices=["strict", "permissive"], help="inbound plaintext handling (default strict)")
+    sp.add_argument("--transparent", action="store_true", default=None, help="redirect fleet traffic (root)")
+    sp.add_argument(
+        "--transparent-port", type=int, help=f"port of the transparent listener (default {DEFAULT_TRANSPARENT_PORT})"
+    )
+    sp.add_argument("--fleet-cidr", action="append", default=[], metavar="CIDR", help="fleet addresses (repeatable)")
+    sp.add_argument("--admin", help=f"admin/metrics HOST:PORT (default {DEFAULT_ADMIN}; '' disables)")
+    sp.add_argument("--renew-fraction", type=float, help="renew at this fraction of the lifetime (default 0.5)")
+    sp.add_argument("--sync-interval", help="control-plane poll interval (default 5s)")
+    sp.add_argument("--drain-timeout", help="how long SIGTERM waits for live tunnels (default 10s)")
+    sp.add_argument("--idle-timeout", help="close a tunnel idle this long (default 1h)")
+    sp.add_argument(
+        "--unsafe-service-target",
+        action="store_true",
+        default=None,
+        help="allow --service targets that are not loopback (plaintext crosses the network)",
+    )
+    sp.add_argument(
+        "--unsafe-route-listen",
+        action="store_true",
+        default=None,
+        help="allow --route listeners on non-loopback addresses (others could use this host's identity)",
+    )
+    sp.set_defaults(func=cmd_run, daemon=True)
+
 
 def cmd_enroll(args: argparse.Namespace) -> int:
     """Enroll and print the identity obtained."""
@@ -28,3 +76,27 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     print(f"not after:  {creds.not_after:%Y-%m-%d %H:%M:%S} UTC")
     print(f"data dir:   {args.data_dir}")
     return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run the agent until SIGTERM."""
+    from tapproof.agent import daemon
+
+    overrides = {
+        "listen_tunnel": args.listen_tunnel,
+        "advertise": args.advertise,
+        "service": args.service,
+        "route": args.route,
+        "mode": args.mode,
+        "transparent": args.transparent,
+        "transparent_port": args.transparent_port,
+        "fleet_cidr": args.fleet_cidr,
+        "admin": args.admin,
+        "renew_fraction": args.renew_fraction,
+        "sync_interval": args.sync_interval,
+        "drain_timeout": args.drain_timeout,
+        "idle_timeout": args.idle_timeout,
+        "unsafe_service_target": args.unsafe_service_target,
+        "unsafe_route_listen": args.unsafe_route_listen,
+    }
+    return daemon.run(args.data_dir, args.join, args.config, overrides)

@@ -1,0 +1,116 @@
+"""A TCP accept loop that hands each connection to a worker thread and never blocks on one.
+
+The accept loop only accepts: handshakes, preambles and relays run in the
+worker (one thread per connection; the relay's C calls release the GIL). A
+bounded number of workers caps memory under a connection flood: past it, a
+new connection is closed at once and counted (reason ``too-many-connections``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import threading
+from collections.abc import Callable
+
+from tapproof.agent.metrics import REFUSALS
+from tapproof.errors import TransportError
+from tapproof.logs import log_event
+from tapproof.units import format_hostport
+
+log = logging.getLogger(__name__)
+
+__all__ = ["MAX_WORKERS", "Listener", "bind"]
+
+MAX_WORKERS = 4096
+"""Concurrent connections (handshaking or relaying) per listener."""
+
+Handler = Callable[[socket.socket, tuple[str, int]], None]
+
+
+def bind(host: str, port: int, *, what: str, backlog: int = 1024) -> socket.socket:
+    """A listening socket on ``host:port`` (port 0: the kernel picks), SO_REUSEADDR."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        raise TransportError(f"{what}: cannot listen on {format_hostport(host, port)}: {exc.strerror}") from exc
+    return sock
+
+
+class Listener:
+    """Accept on ``sock`` and run ``handler(conn, addr)`` in a thread per connection."""
+
+    def __init__(self, sock: socket.socket, handler: Handler, *, name: str, direction: str) -> None:
+        self.sock = sock
+        self.handler = handler
+        self.name = name
+        self.direction = direction
+        self._slots = threading.BoundedSemaphore(MAX_WORKERS)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"accept-{name}", daemon=True)
+        host, port = sock.getsockname()[:2]
+        self.address = format_hostport(str(host), int(port))
+        """The bound address (``HOST:PORT``)."""
+
+    def start(self) -> None:
+        """Start accepting."""
+        self._thread.start()
+
+    @property
+    def running(self) -> bool:
+        """True while the accept loop runs."""
+        return self._thread.is_alive() and not self._stop.is_set()
+
+    def _loop(self) -> None:
+        self.sock.settimeout(0.5)
+        while not self._stop.is_set():
+            try:
+                conn, addr = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError as exc:
+                if self._stop.is_set():
+                    break
+                log_event(log, "accept-failed", level=logging.WARNING, listener=self.name, detail=str(exc))
+                self._stop.wait(0.05)
+                continue
+            if not self._slots.acquire(blocking=False):
+                REFUSALS.labels(self.direction, "too-many-connections").inc()
+                with contextlib.suppress(OSError):
+                    conn.close()
+                continue
+            conn.settimeout(None)
+            t = threading.Thread(target=self._run, args=(conn, addr), name=f"conn-{self.name}", daemon=True)
+            try:
+                t.start()
+            except RuntimeError:  # cannot start a thread: refuse this one
+                self._slots.release()
+                REFUSALS.labels(self.direction, "no-worker").inc()
+                with contextlib.suppress(OSError):
+                    conn.close()
+
+    def _run(self, conn: socket.socket, addr: tuple[str, int]) -> None:
+        try:
+            self.handler(conn, addr)
+        except Exception:  # a bug in a handler must not kill the agent; the handler closed what it owns
+            log.exception("connection-handler-crashed", extra={"event": "handler-crashed", "listener": self.name})
+            with contextlib.suppress(OSError):
+                conn.close()
+        finally:
+            self._slots.release()
+
+    def stop(self) -> None:
+        """Stop accepting and close the listening socket (live connections continue)."""
+        self._stop.set()
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes a blocked accept() at once (Linux)
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(2.0)
+        with contextlib.suppress(OSError):
+            self.sock.close()

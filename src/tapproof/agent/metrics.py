@@ -1,0 +1,36 @@
+"""The agent's Prometheus metrics (one process, the default registry)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+__all__ = [
+    "BYTES",
+    "CERT_EXPIRY",
+    "CONTROL_PLANE_UP",
+    "HANDSHAKE_SECONDS",
+    "PLAINTEXT_ACCEPTED",
+    "REFUSALS",
+    "RENEWALS",
+    "TUNNELS",
+    "TUNNELS_ACTIVE",
+]
+
+REFUSALS = Counter(
+    "tapproof_agent_refusals", "Connections refused, by reason (inbound and outbound)", ["direction", "reason"]
+)
+TUNNELS = Counter("tapproof_agent_tunnels", "Tunnels finished, by direction and end reason", ["direction", "end"])
+TUNNELS_ACTIVE = Gauge("tapproof_agent_tunnels_active", "Tunnels relaying right now", ["direction"])
+BYTES = Counter("tapproof_agent_bytes", "Application bytes relayed", ["direction", "way"])
+HANDSHAKE_SECONDS = Histogram(
+    "tapproof_agent_handshake_seconds",
+    "TLS handshake plus peer check time",
+    ["direction"],
+    buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)
+CONTROL_PLANE_UP = Gauge("tapproof_agent_control_plane_up", "1 when the last control-plane call succeeded")
+CERT_EXPIRY = Gauge("tapproof_agent_certificate_expiry_seconds", "Seconds until this agent's certificate expires")
+RENEWALS = Counter("tapproof_agent_renewals", "Certificate renewals, by result", ["result"])
+PLAINTEXT_ACCEPTED = Counter(
+    "tapproof_agent_plaintext_accepted", "Plaintext inbound connections forwarded in permissive mode", ["source"]
+)

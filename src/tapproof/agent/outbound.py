@@ -1,0 +1,203 @@
+"""Outbound tunnels: a local plaintext connection carried to a service on another host's agent.
+
+For each accepted application connection (a ``--route`` listener, or the
+transparent listener): resolve the destination host's tunnel address through
+the registry cache, connect with mutual TLS (contexts built once per
+credential generation), require the peer to be exactly
+``spiffe://TD/host/HOST`` and not revoked, send ``CONNECT``, and relay on
+``200``. On ``403``/``502`` or any failure the application connection is
+reset (never a clean EOF that could pass for an empty answer). The
+application's bytes wait in the kernel until the far side said ``200``: not
+one is sent to an unverified peer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import struct
+import time
+from collections.abc import Callable
+
+from OpenSSL import SSL
+
+from tapproof.agent import events
+from tapproof.agent.config import Route
+from tapproof.agent.credstore import take_verify_error
+from tapproof.agent.metrics import HANDSHAKE_SECONDS, TUNNELS_ACTIVE
+from tapproof.agent.runtime import Runtime
+from tapproof.errors import PeerRejected, ProtocolError, TransportError
+from tapproof.identity import host_id
+from tapproof.pki.certs import serial_hex
+from tapproof.tls.peer import check_peer, peer_leaf
+from tapproof.tls.stream import TLSStream, connect
+from tapproof.tunnel import preamble
+from tapproof.tunnel.relay import Relay
+from tapproof.units import format_hostport
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CONNECT_TIMEOUT", "RouteHandler", "TransparentHandler", "open_tunnel"]
+
+CONNECT_TIMEOUT = 10.0
+DIRECTION = "outbound"
+
+
+def _reset(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    with contextlib.suppress(OSError):
+        sock.close()
+
+
+def open_tunnel(rt: Runtime, app: socket.socket, app_addr: tuple[str, int], host: str, target: str, via: str) -> None:
+    """Tunnel ``app`` to ``target`` (service name or ``ip:port``) on host ``host``; owns ``app``."""
+    start = time.monotonic()
+    source = format_hostport(app_addr[0], app_addr[1]) if isinstance(app_addr, tuple) else str(app_addr)
+    fields: dict[str, object] = {"peer": str(host_id(rt.trust_domain, host)), "service": target, "via": via}
+    if host in rt.policy.revoked_hosts:
+        _reset(app)
+        events.refused(DIRECTION, "peer-revoked", **fields)
+        return
+    addr = rt.registry.advertise(host)
+    if addr is None:
+        _reset(app)
+        events.refused(DIRECTION, "unknown-host", **fields)
+        return
+    fields["address"] = format_hostport(*addr)
+    material = rt.creds.current
+    expected = host_id(rt.trust_domain, host)
+    take_verify_error()
+    try:
+        stream = _connect(addr, material.client_ctx, rt.mark)
+    except PeerRejected as exc:
+        _reset(app)
+        events.refused(DIRECTION, events.handshake_reason(exc, take_verify_error()), detail=exc.detail, **fields)
+        return
+    except TransportError as exc:
+        _reset(app)
+        events.refused(DIRECTION, "connect-failed", detail=str(exc), **fields)
+        return
+    try:
+        check_peer(
+            stream,
+            trust_domain=rt.trust_domain,
+            now=rt.now(),
+            usage="server",
+            revoked=rt.policy.revoked_serials,
+            accept=lambda s: s == expected,
+        )
+        leaf = peer_leaf(stream)
+        serial = serial_hex(leaf) if leaf is not None else ""
+    except PeerRejected as exc:
+        stream.abort()
+        _reset(app)
+        events.refused(DIRECTION, exc.reason.value, detail=exc.detail, **fields)
+        return
+    HANDSHAKE_SECONDS.labels(DIRECTION).observe(time.monotonic() - start)
+    fields["group"] = stream.group
+    cp = preamble.ClientPreamble(target, source=_source_header(app_addr))
+    deadline = time.monotonic() + CONNECT_TIMEOUT
+    try:
+        stream.sendall(cp.request(), deadline)
+        resp = None
+        while resp is None:
+            data = stream.recv(16384, deadline)
+            if not data:
+                cp.feed_eof()
+            resp = cp.feed(data)
+    except (TransportError, ProtocolError) as exc:
+        stream.abort()
+        _reset(app)
+        events.refused(DIRECTION, "bad-response", detail=str(exc), **fields)
+        return
+    if not resp.ok:
+        stream.close(time.monotonic() + 1.0)
+        _reset(app)
+        reason = {403: "remote-forbidden", 502: "remote-unavailable", 400: "remote-bad-request"}.get(
+            resp.status, "remote-refused"
+        )
+        events.refused(DIRECTION, reason, status=resp.status, **fields)
+        return
+    relay = Relay(app, stream.conn, idle_timeout=rt.config.idle_timeout, to_plain=cp.leftover)
+    tunnel = rt.tunnels.add(DIRECTION, host, serial, target, relay)
+    if rt.policy.is_revoked(serial, host):
+        relay.stop()
+    TUNNELS_ACTIVE.labels(DIRECTION).inc()
+    try:
+        result = relay.run()
+    finally:
+        TUNNELS_ACTIVE.labels(DIRECTION).dec()
+        rt.tunnels.remove(tunnel)
+    events.finished(
+        DIRECTION, result, source=source, setup=round(time.monotonic() - start - result.duration, 4), **fields
+    )
+
+
+def _connect(addr: tuple[str, int], ctx: SSL.Context, mark: int | None) -> TLSStream:
+    """TCP + TLS to ``addr`` (PQ group enforced); ``mark`` sets SO_MARK before connecting."""
+    deadline = time.monotonic() + CONNECT_TIMEOUT
+    if mark is None:
+        return connect(addr, ctx, timeout=CONNECT_TIMEOUT)
+    sock = socket.socket(socket.AF_INET6 if ":" in addr[0] else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, getattr(socket, "SO_MARK", 36), mark)
+        sock.settimeout(CONNECT_TIMEOUT)
+        sock.connect(addr)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError as exc:
+        sock.close()
+        raise TransportError(f"cannot connect to {format_hostport(*addr)}: {exc.strerror or exc}") from exc
+    stream = TLSStream.client(ctx, sock)
+    try:
+        stream.handshake(deadline)
+    except BaseException:
+        stream.abort()
+        raise
+    return stream
+
+
+def _source_header(addr: object) -> str | None:
+    if isinstance(addr, tuple) and len(addr) >= 2 and isinstance(addr[0], str) and isinstance(addr[1], int):
+        return format_hostport(addr[0], addr[1])
+    return None
+
+
+class RouteHandler:
+    """``--route LISTEN=NAME@HOST``: each accepted connection goes to service NAME on HOST."""
+
+    def __init__(self, rt: Runtime, route: Route) -> None:
+        self.rt = rt
+        self.route = route
+
+    def __call__(self, conn: socket.socket, addr: tuple[str, int]) -> None:
+        """Tunnel one application connection."""
+        with contextlib.suppress(OSError):
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        open_tunnel(self.rt, conn, addr, self.route.host, self.route.service, via=f"route {self.route}")
+
+
+class TransparentHandler:
+    """The transparent listener: the original destination picks the host (through the registry)."""
+
+    def __init__(self, rt: Runtime, original_dst: Callable[[socket.socket], tuple[str, int]]) -> None:
+        self.rt = rt
+        self.original_dst = original_dst
+
+    def __call__(self, conn: socket.socket, addr: tuple[str, int]) -> None:
+        """Tunnel one redirected connection to ``CONNECT ip:port`` on the host that owns ip."""
+        try:
+            ip, port = self.original_dst(conn)
+        except OSError as exc:
+            _reset(conn)
+            events.refused(DIRECTION, "no-original-destination", detail=str(exc), via="transparent")
+            return
+        host = self.rt.registry.host_for_ip(ip)
+        if host is None:
+            _reset(conn)
+            events.refused(DIRECTION, "not-a-fleet-host", destination=format_hostport(ip, port), via="transparent")
+            return
+        with contextlib.suppress(OSError):
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        open_tunnel(self.rt, conn, addr, host, format_hostport(ip, port), via="transparent")

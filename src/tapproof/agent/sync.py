@@ -1,0 +1,217 @@
+"""The sync loop: the agent's only conversation with the control plane, off the data path.
+
+Every ``sync_interval`` (default 5 s) it registers the advertised address and
+services (at start, after a reload, and every :data:`REGISTER_EVERY`), polls
+the policy (``If-None-Match``), the revocations, the registry and the trust
+bundle, and renews the certificate once ``renew_fraction`` of its lifetime has
+passed. Nothing here blocks a tunnel: the data plane reads the caches this
+loop fills.
+
+* Renewal failure keeps the current certificate and retries with exponential
+  backoff (1 s doubling, capped at 5% of the lifetime, at most 60 s).
+* A new certificate or trust bundle is swapped in atomically
+  (:class:`~tapproof.agent.credstore.CredStore`); live tunnels keep theirs.
+* A revocation stops the live tunnels of the revoked peer at once.
+* Control plane unreachable: keep serving on the current certificate and the
+  cached policy/registry; ``tapproof_agent_control_plane_up`` is 0 and one
+  line is logged per transition.
+* ``tapproof_agent_certificate_expiry_seconds`` is updated every round; a
+  warning is logged (at most every 30 s) once less than a quarter of the
+  lifetime is left, an error once it has expired.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+import time
+from typing import Any
+
+from tapproof.agent import renew as renewal
+from tapproof.agent.metrics import CERT_EXPIRY, CONTROL_PLANE_UP, RENEWALS
+from tapproof.agent.policycache import parse_policy
+from tapproof.agent.runtime import Runtime
+from tapproof.agent.state import load_identity, save_bundle
+from tapproof.control.client import APIClient
+from tapproof.errors import APIError, ConfigError, PKIError, TapproofError, TransportError
+from tapproof.logs import log_event
+from tapproof.tls.credentials import TrustBundle
+
+log = logging.getLogger(__name__)
+
+__all__ = ["REGISTER_EVERY", "SyncLoop"]
+
+REGISTER_EVERY = 60.0
+"""Seconds between re-registrations (the server also learns liveness from them)."""
+
+
+class SyncLoop:
+    """Keeps credentials, policy, revocations, registry and bundle current."""
+
+    def __init__(self, rt: Runtime, *, api_timeout: float = 5.0) -> None:
+        self.rt = rt
+        ident = load_identity(rt.paths)
+        self.client = APIClient(ident.servers, rt.trust_domain, rt.creds.client_context, timeout=api_timeout)
+        self._etag = rt.policy.policy.etag if rt.policy.policy is not None else ""
+        self._registered_at = -REGISTER_EVERY
+        self._register_needed = True
+        self._next_renew_try = 0.0
+        self._backoff = 0.0
+        self._last_warn = 0.0
+        self._was_up: bool | None = None
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="sync", daemon=True)
+        CONTROL_PLANE_UP.set(0)
+
+    # --- lifecycle -----------------------------------------------------------------
+    def start(self) -> None:
+        """Run the loop in a background thread."""
+        self._thread.start()
+
+    def poke(self, *, register: bool = False) -> None:
+        """Run a round now (after a config reload: ``register=True``)."""
+        if register:
+            self._register_needed = True
+        self._wake.set()
+
+    def _loop(self) -> None:
+        rt = self.rt
+        while not rt.stopping.is_set():
+            try:
+                self.sync_once()
+            except Exception:  # never let a bug stop renewals; logged with its traceback
+                log.exception("sync-round-crashed", extra={"event": "sync-round-crashed"})
+            wait = rt.config.sync_interval
+            if self._next_renew_try:
+                wait = max(0.05, min(wait, self._next_renew_try - time.monotonic()))
+            self._wake.wait(wait)
+            self._wake.clear()
+
+    # --- one round -------------------------------------------------------------------
+    def sync_once(self) -> None:
+        """One round: poll, maybe register, maybe renew, update the expiry metric."""
+        try:
+            self._poll()
+            self._set_up(True, None)
+        except (TransportError, APIError, PKIError, ConfigError) as exc:
+            self._set_up(False, exc)
+        self._maybe_renew()
+        self._expiry()
+
+    def _poll(self) -> None:
+        rt = self.rt
+        now = time.monotonic()
+        if self._register_needed or now - self._registered_at >= REGISTER_EVERY:
+            cfg = rt.config
+            body = {"advertise": rt.advertise, "services": {s.name: s.target for s in cfg.services}}
+            self.client.call("PUT", "/v1/registration", body)
+            self._registered_at, self._register_needed = now, False
+        headers = [("If-None-Match", self._etag)] if self._etag else []
+        status, rh, body = self.client.call("GET", "/v1/policy", None, headers)
+        if status == 200:
+            snap = parse_policy(body, rh.get("etag", ""))
+            if rt.policy.set_policy(snap):
+                log_event(log, "policy-updated", version=snap.version, rules=len(snap.rules), default=snap.default)
+            self._etag = snap.etag
+        new_serials, new_hosts = rt.policy.set_revocations(self.client.get("/v1/revocations"))
+        if new_serials or new_hosts:
+            closed = rt.tunnels.close_revoked(rt.policy.revoked_serials, rt.policy.revoked_hosts)
+            log_event(
+                log,
+                "revocations-updated",
+                level=logging.WARNING,
+                new_serials=sorted(new_serials),
+                new_hosts=sorted(new_hosts),
+                tunnels_closed=len(closed),
+            )
+        if rt.registry.update(self.client.get("/v1/registry")):
+            log_event(log, "registry-updated", hosts=len(rt.registry.snapshot()["hosts"]))
+        self._bundle(self.client.get("/v1/bundle"))
+        rt.last_sync = rt.now()
+
+    def _bundle(self, body: Any) -> None:
+        rt = self.rt
+        try:
+            bundle = TrustBundle.from_pem(str(body["bundle"]).encode())
+        except (KeyError, TypeError, PKIError) as exc:
+            raise ConfigError(f"trust bundle from the server is unusable: {exc}") from exc
+        if bundle.fingerprints == rt.creds.current.bundle.fingerprints:
+            return
+        save_bundle(rt.paths, bundle)
+        rt.creds.swap(bundle=bundle)
+        log_event(log, "bundle-updated", level=logging.WARNING, fingerprints=list(bundle.fingerprints))
+
+    def _set_up(self, up: bool, exc: Exception | None) -> None:
+        CONTROL_PLANE_UP.set(1 if up else 0)
+        if up != self._was_up:
+            if up:
+                log_event(log, "control-plane-up", servers=self.client.servers)
+            else:
+                log_event(
+                    log, "control-plane-down", level=logging.WARNING, servers=self.client.servers, detail=str(exc)
+                )
+        self._was_up = up
+        self.rt.control_plane_up = up
+
+    # --- renewal -----------------------------------------------------------------------
+    def _maybe_renew(self) -> None:
+        rt = self.rt
+        material = rt.creds.current
+        now = rt.now()
+        if not renewal.renewal_due(material.creds, now, rt.config.renew_fraction):
+            self._backoff, self._next_renew_try = 0.0, 0.0
+            return
+        mono = time.monotonic()
+        if self._next_renew_try and mono < self._next_renew_try:
+            return
+        try:
+            new = renewal.renew(rt.paths, now, self.client)
+        except TapproofError as exc:
+            life = (material.creds.not_after - material.creds.not_before).total_seconds()
+            cap = max(1.0, min(60.0, life * 0.05))
+            self._backoff = min(cap, self._backoff * 2 if self._backoff else 1.0)
+            self._next_renew_try = mono + self._backoff
+            RENEWALS.labels("failure").inc()
+            log_event(
+                log,
+                "renewal-failed",
+                level=logging.WARNING,
+                detail=str(exc),
+                retry_in=round(self._backoff, 2),
+                not_after=material.not_after,
+            )
+            return
+        try:
+            rt.creds.reload_from_disk()  # the new key and chain, and the bundle that came with them
+        except TapproofError as exc:  # the files were written but do not load: use what renew() returned
+            log_event(log, "reload-after-renewal-failed", level=logging.WARNING, detail=str(exc))
+            rt.creds.swap(new, None)
+        self._backoff, self._next_renew_try = 0.0, 0.0
+        RENEWALS.labels("success").inc()
+
+    def _expiry(self) -> None:
+        creds = self.rt.creds.current.creds
+        now = self.rt.now()
+        left = (creds.not_after - now).total_seconds()
+        CERT_EXPIRY.set(left)
+        life = (creds.not_after - creds.not_before).total_seconds()
+        mono = time.monotonic()
+        if left < life / 4 and mono - self._last_warn >= 30.0:
+            self._last_warn = mono
+            if left <= 0:
+                log_event(log, "certificate-expired", level=logging.ERROR, not_after=creds.not_after)
+            else:
+                log_event(
+                    log,
+                    "certificate-expiring",
+                    level=logging.WARNING,
+                    not_after=creds.not_after,
+                    seconds_left=int(left),
+                    hint="renewal keeps failing: check the control plane",
+                )
+
+
+def expires_in(rt: Runtime) -> dt.timedelta:
+    """Time left on the current certificate."""
+    return rt.creds.current.not_after - rt.now()

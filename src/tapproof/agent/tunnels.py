@@ -1,0 +1,86 @@
+"""The table of live tunnels: for revocation, draining, and /status.
+
+Each tunnel registers its :class:`~tapproof.tunnel.relay.Relay` with the peer
+agent's host name and certificate serial. When a revocation arrives,
+:meth:`TunnelTable.close_revoked` stops every tunnel whose peer is now revoked
+(the relay aborts both sockets with an RST at once).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import threading
+import time
+from collections.abc import Collection
+
+from tapproof.tunnel.relay import Relay
+
+__all__ = ["Tunnel", "TunnelTable"]
+
+
+@dataclasses.dataclass(eq=False)
+class Tunnel:
+    """One live tunnel."""
+
+    tunnel_id: int
+    direction: str  # "inbound" | "outbound"
+    peer_host: str
+    peer_serial: str
+    service: str
+    relay: Relay
+    started: float = dataclasses.field(default_factory=time.monotonic)
+
+
+class TunnelTable:
+    """Thread-safe set of live tunnels."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._tunnels: dict[int, Tunnel] = {}
+        self._ids = itertools.count(1)
+        self._idle = threading.Condition(self._lock)
+
+    def add(self, direction: str, peer_host: str, peer_serial: str, service: str, relay: Relay) -> Tunnel:
+        """Register a tunnel about to run."""
+        with self._lock:
+            t = Tunnel(next(self._ids), direction, peer_host, peer_serial.lower(), service, relay)
+            self._tunnels[t.tunnel_id] = t
+            return t
+
+    def remove(self, tunnel: Tunnel) -> None:
+        """Forget a finished tunnel."""
+        with self._lock:
+            self._tunnels.pop(tunnel.tunnel_id, None)
+            if not self._tunnels:
+                self._idle.notify_all()
+
+    def live(self) -> list[Tunnel]:
+        """The live tunnels."""
+        with self._lock:
+            return list(self._tunnels.values())
+
+    def close_revoked(self, serials: Collection[str], hosts: Collection[str]) -> list[Tunnel]:
+        """Stop every tunnel whose peer serial or host is revoked; return them."""
+        hit = [t for t in self.live() if t.peer_serial in serials or t.peer_host in hosts]
+        for t in hit:
+            t.relay.stop()
+        return hit
+
+    def wait_empty(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for every tunnel to end; True if none is left."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while self._tunnels:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._idle.wait(left)
+            return True
+
+    def stop_all(self) -> int:
+        """Abort every live tunnel; return how many."""
+        live = self.live()
+        for t in live:
+            t.relay.stop()
+        return len(live)

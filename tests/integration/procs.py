@@ -1,0 +1,359 @@
+"""Real ``tapproof server`` / ``tapproof agent run`` processes and tiny TCP services for tests.
+
+Everything binds 127.0.0.1 with ephemeral ports and is stopped by PID. Reusable
+by other test modules and the demo::
+
+    with procs.server(tmp / "srv") as srv:
+        a = procs.start_agent(tmp / "a", srv.token("a"), "--route", "127.0.0.1:0=echo@b")
+        b = procs.start_agent(tmp / "b", srv.token("b"), "--service", f"echo=127.0.0.1:{port}")
+        ...
+        a.stop(); b.stop()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from tests.helpers import free_port
+
+
+def tapproof(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run the real CLI and capture its output."""
+    return subprocess.run(
+        [sys.executable, "-m", "tapproof", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def _spawn(argv: list[str], log_path: Path) -> subprocess.Popen[bytes]:
+    with log_path.open("ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "tapproof", *argv],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+
+
+def _stop(proc: subprocess.Popen[bytes], timeout: float = 20) -> int:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    return int(proc.returncode)
+
+
+def read_events(path: Path) -> list[dict[str, Any]]:
+    """The JSON log lines of a process log."""
+    out = []
+    for line in path.read_text(errors="replace").splitlines():
+        with contextlib.suppress(ValueError):
+            obj = json.loads(line)
+            if isinstance(obj, dict):
+                out.append(obj)
+    return out
+
+
+def wait_for(cond: Any, timeout: float, what: str, step: float = 0.1) -> Any:
+    """Poll ``cond()`` until truthy (returned) or fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(step)
+
+
+# --- control plane -----------------------------------------------------------------------
+@dataclasses.dataclass
+class ServerProc:
+    """A running ``tapproof server run``."""
+
+    data_dir: Path
+    listen: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    def admin(self, *args: str) -> str:
+        """Run an admin command against this server (``server ARGS --data-dir D``); return stdout."""
+        res = tapproof("server", *args, "--data-dir", str(self.data_dir))
+        assert res.returncode == 0, f"server {' '.join(args)}: {res.stderr}"
+        return res.stdout
+
+    def token(self, host: str) -> str:
+        """One join string for ``host``."""
+        return self.admin("token", "create", "--host", host).strip()
+
+    def stop(self) -> int:
+        """SIGTERM (then SIGKILL)."""
+        return _stop(self.proc)
+
+    def kill(self) -> None:
+        """SIGKILL: the control plane dies without a goodbye."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def restart(self) -> None:
+        """Start again on the same address and data dir."""
+        self.proc = _start_server_proc(self.data_dir, self.listen, self.log_path)
+
+
+def _start_server_proc(data_dir: Path, listen: str, log_path: Path, timeout: float = 30) -> subprocess.Popen[bytes]:
+    run_file = data_dir / "run" / "address.json"
+    with contextlib.suppress(FileNotFoundError):
+        run_file.unlink()
+    argv = ["server", "run", "--data-dir", str(data_dir), "--listen", listen, "--metrics", f"127.0.0.1:{free_port()}"]
+    deadline = time.monotonic() + timeout
+    while True:
+        proc = _spawn(argv, log_path)
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                break
+            if run_file.exists():
+                return proc
+            time.sleep(0.05)
+        if proc.poll() is None:
+            proc.kill()
+            raise RuntimeError(f"server did not start: {log_path.read_text()}")
+        if time.monotonic() > deadline:  # exited (e.g. port still busy) and out of time
+            raise RuntimeError(f"server exited with {proc.returncode}: {log_path.read_text()}")
+        time.sleep(0.3)  # retry: the address may still be held by the killed process
+
+
+def init_server(data_dir: Path, td: str = "example.org", leaf_ttl: str = "1h") -> str:
+    """``tapproof server init`` with a fixed free port (so a restart reuses it); return the listen address."""
+    listen = f"127.0.0.1:{free_port()}"
+    res = tapproof(
+        "server", "init", "--data-dir", str(data_dir), "--trust-domain", td, "--listen", listen, "--leaf-ttl", leaf_ttl
+    )
+    assert res.returncode == 0, res.stderr
+    return listen
+
+
+def start_server(data_dir: Path, td: str = "example.org", leaf_ttl: str = "1h") -> ServerProc:
+    """Init and run a server on 127.0.0.1."""
+    listen = init_server(data_dir, td, leaf_ttl)
+    log_path = data_dir.parent / f"{data_dir.name}.log"
+    return ServerProc(data_dir, listen, _start_server_proc(data_dir, listen, log_path), log_path)
+
+
+@contextlib.contextmanager
+def server(data_dir: Path, td: str = "example.org", leaf_ttl: str = "1h") -> Iterator[ServerProc]:
+    """A server for the duration of a ``with`` block."""
+    srv = start_server(data_dir, td, leaf_ttl)
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+# --- agents --------------------------------------------------------------------------------
+@dataclasses.dataclass
+class AgentProc:
+    """A running ``tapproof agent run``."""
+
+    data_dir: Path
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    addresses: dict[str, Any]
+
+    @property
+    def tunnel(self) -> tuple[str, int]:
+        """The tunnel port's address."""
+        host, port = self.addresses["tunnel"].rsplit(":", 1)
+        return host, int(port)
+
+    def route(self, index: int = 0) -> tuple[str, int]:
+        """The bound address of the ``index``-th route."""
+        host, port = self.addresses["route_list"][index]["address"].rsplit(":", 1)
+        return host, int(port)
+
+    def events(self, name: str | None = None) -> list[dict[str, Any]]:
+        """Log events (optionally only those called ``name``)."""
+        evs = read_events(self.log_path)
+        return [e for e in evs if name is None or e.get("event") == name]
+
+    def admin_get(self, path: str) -> tuple[int, str]:
+        """GET on the admin endpoint."""
+        url = f"http://{self.addresses['admin']}{path}"
+        try:
+            with urllib.request.urlopen(url, timeout=10) as resp:  # noqa: S310 - our own loopback endpoint
+                return int(resp.status), resp.read().decode()
+        except urllib.error.HTTPError as exc:
+            return int(exc.code), exc.read().decode()
+
+    def status(self) -> dict[str, Any]:
+        """``/status`` as JSON."""
+        code, body = self.admin_get("/status")
+        assert code == 200, body
+        return json.loads(body)  # type: ignore[no-any-return]
+
+    def metric(self, name: str, **labels: str) -> float:
+        """The value of one sample from ``/metrics`` (0 if absent)."""
+        _code, body = self.admin_get("/metrics")
+        want = name + ("{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}" if labels else "")
+        for line in body.splitlines():
+            if line.startswith("#"):
+                continue
+            key, _, value = line.rpartition(" ")
+            if _normalise(key) == want:
+                return float(value)
+        return 0.0
+
+    def signal(self, sig: int) -> None:
+        """Send a signal."""
+        self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 30) -> int:
+        """SIGTERM (then SIGKILL); the exit code."""
+        return _stop(self.proc, timeout)
+
+
+def _normalise(key: str) -> str:
+    if "{" not in key:
+        return key
+    name, _, rest = key.partition("{")
+    pairs = sorted(p for p in rest.rstrip("}").split(",") if p)
+    return name + "{" + ",".join(pairs) + "}"
+
+
+def start_agent(data_dir: Path, join: str | None, *extra: str, timeout: float = 30) -> AgentProc:
+    """Start ``tapproof agent run`` on ephemeral ports and wait for its address file."""
+    run_file = data_dir / "run" / "address.json"
+    with contextlib.suppress(FileNotFoundError):
+        run_file.unlink()
+    log_path = data_dir.parent / f"{data_dir.name}.log"
+    argv = [
+        "agent",
+        "run",
+        "--data-dir",
+        str(data_dir),
+        "--listen-tunnel",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+        "--sync-interval",
+        "1s",
+        *(["--join", join] if join else []),
+        *extra,
+    ]
+    proc = _spawn(argv, log_path)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"agent exited with {proc.returncode}: {log_path.read_text()}")
+        with contextlib.suppress(OSError, ValueError):
+            data = json.loads(run_file.read_text())
+            if data.get("pid") == proc.pid:
+                return AgentProc(data_dir, proc, log_path, data)
+        time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError(f"agent did not start: {log_path.read_text()}")
+
+
+# --- tiny services -------------------------------------------------------------------------
+class EchoServer:
+    """A threaded TCP echo service on 127.0.0.1 that honours half-close (EOF in -> EOF out)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.sock.getsockname()[1])
+        self.connections = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        self.sock.settimeout(0.2)
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _echo(conn: socket.socket) -> None:
+        with conn:
+            buf = bytearray(1 << 20)
+            view = memoryview(buf)
+            try:
+                while True:
+                    n = conn.recv_into(view)
+                    if n == 0:
+                        conn.shutdown(socket.SHUT_WR)
+                        return
+                    conn.sendall(view[:n])
+            except OSError:
+                return
+
+    def close(self) -> None:
+        """Stop accepting."""
+        self._stop.set()
+        self._thread.join(2)
+        self.sock.close()
+
+
+def echo_roundtrip(addr: tuple[str, int], size: int, timeout: float = 120) -> tuple[str, str, int]:
+    """Send ``size`` random-ish bytes, half-close, read the echo to EOF: (sha sent, sha received, n received)."""
+    sent_hash = hashlib.sha256()
+    recv_hash = hashlib.sha256()
+    received = 0
+    chunk = os.urandom(1 << 20)
+    with socket.create_connection(addr, timeout=timeout) as s:
+        s.settimeout(timeout)
+
+        def send() -> None:
+            left = size
+            i = 0
+            while left:
+                part = chunk[: min(left, len(chunk))]
+                # vary the data so a reordering would show
+                part = i.to_bytes(4, "big") + part[4:] if len(part) > 4 else part
+                sent_hash.update(part)
+                s.sendall(part)
+                left -= len(part)
+                i += 1
+            s.shutdown(socket.SHUT_WR)
+
+        t = threading.Thread(target=send, daemon=True)
+        t.start()
+        buf = bytearray(1 << 20)
+        view = memoryview(buf)
+        while True:
+            n = s.recv_into(view)
+            if n == 0:
+                break
+            recv_hash.update(view[:n])
+            received += n
+        t.join(timeout)
+    return sent_hash.hexdigest(), recv_hash.hexdigest(), received
