@@ -141,7 +141,19 @@ class Host:
     def capture(self, path: Path, *, iface: str | None = None, bpf: str = "tcp", timeout: float = 10.0) -> Capture:
         """Start ``tcpdump -U -w path`` on this host's link; return once it is listening."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        argv = ["tcpdump", "-i", iface or self.iface, "-n", "-s", "0", "-U", "-w", str(path), *bpf.split()]
+        argv = [
+            "tcpdump",
+            "-i",
+            iface or self.iface,
+            "-n",
+            "-s",
+            "0",
+            "--immediate-mode",
+            "-U",
+            "-w",
+            str(path),
+            *bpf.split(),
+        ]
         proc = subprocess.Popen(self.exec_argv(argv), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self.lab.procs.append(proc)
         assert proc.stderr is not None  # noqa: S101 - set by PIPE above
