@@ -114,12 +114,9 @@ def test_cli_bad_input_raises_config_errors(tmp_path: Path) -> None:
         _run(["audit", "pcap", str(junk)])
 
 
-@pytest.mark.allowed_skip  # until the lead adds "audit" to tapproof.cli.main._COMMANDS
 def test_cli_main_maps_bad_input_to_exit_2(tmp_path: Path) -> None:
     from tapproof.cli import main as cli_main
 
-    if "audit" not in cli_main._COMMANDS:
-        pytest.skip("tapproof.cli.main does not list the audit command yet")
     assert cli_main.main(["audit", "pcap", str(tmp_path / "missing.pcap")]) == 2
 
 
