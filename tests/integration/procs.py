@@ -203,7 +203,7 @@ class AgentProc:
         """GET on the admin endpoint."""
         url = f"http://{self.addresses['admin']}{path}"
         try:
-            with urllib.request.urlopen(url, timeout=10) as resp:  # noqa: S310 - our own loopback endpoint
+            with urllib.request.urlopen(url, timeout=10) as resp:
                 return int(resp.status), resp.read().decode()
         except urllib.error.HTTPError as exc:
             return int(exc.code), exc.read().decode()
