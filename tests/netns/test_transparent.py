@@ -174,3 +174,7 @@ def test_repair_removes_what_a_crashed_run_left(iptables_lab: Lab) -> None:
     assert probe(near, "redirect", "repair", "{}").returncode == 0  # something was removed
     assert nat_rules(near) == before
     assert probe(near, "redirect", "repair", "{}").returncode == 3  # nothing left to remove
+
+
+def test_transparent_error_is_also_an_oserror() -> None:
+    assert issubclass(TransparentError, OSError)

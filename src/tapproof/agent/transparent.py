@@ -68,8 +68,12 @@ _HOOKS = {OUT_CHAIN: "OUTPUT", IN_CHAIN: "PREROUTING"}
 _MAX_DUPLICATE_JUMPS = 64  # bound on removing repeated jumps left by broken runs
 
 
-class TransparentError(TapproofError):
-    """Rules could not be installed or removed, or a socket has no original destination."""
+class TransparentError(TapproofError, OSError):
+    """Rules could not be installed or removed, or a socket has no original destination.
+
+    Also an :class:`OSError`, so a connection handler that already catches
+    socket errors also catches a missing original destination.
+    """
 
 
 def original_dst(sock: socket.socket) -> tuple[str, int]:
