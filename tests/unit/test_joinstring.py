@@ -53,6 +53,8 @@ def _forge(body: dict[str, object]) -> str:
         "tpj1.abc.def.ghi",
         "tpj1.%%%.abc",
         "x" * 5000,
+        "tpj1.ab\ufffdcd.AAAAAAAA",  # found by fuzz/targets.py join-string: was a UnicodeEncodeError
+        "tpj1.abcd.\u00e9\u00e9\u00e9\u00e9\u00e9\u00e9\u00e9\u00e9",
     ],
 )
 def test_malformed(text: str) -> None:

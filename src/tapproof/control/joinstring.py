@@ -95,7 +95,9 @@ def parse(text: str) -> JoinString:
             raise JoinStringError(f"--join: unsupported join string version {parts[0][:8]!r}")
         raise JoinStringError("--join: not a tapproof join string (expected tpj1.<payload>.<check>)")
     _, payload, check = parts
-    if not payload or check != _check(payload):
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", payload) or not re.fullmatch(r"[A-Za-z0-9_-]{8}", check):
+        raise JoinStringError("--join: join string is corrupted (invalid characters)")
+    if check != _check(payload):
         raise JoinStringError("--join: join string is corrupted or was modified (checksum mismatch)")
     try:
         body = json.loads(_unb64(payload))

@@ -1,0 +1,1 @@
+"""Fuzz targets for every parser of untrusted bytes; ``python -m fuzz`` runs them all (bounded)."""
