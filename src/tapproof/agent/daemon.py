@@ -103,6 +103,7 @@ class Agent:
         self.admin: AdminServer | None = None
         self.sync: SyncLoop | None = None
         self._reload = threading.Event()
+        self._stop = threading.Event()
         self._lock = threading.Lock()
 
     # --- start ----------------------------------------------------------------------
@@ -344,13 +345,12 @@ class Agent:
             run_file(self.paths.root).unlink()
 
     # --- main loop --------------------------------------------------------------------
-    def serve(self) -> int:
-        """Block until SIGTERM/SIGINT; handle SIGHUP reloads; then stop."""
-        stop = threading.Event()
+    def install_signals(self) -> None:
+        """SIGTERM/SIGINT stop, SIGHUP reloads (before the address file is written: no early signal is lost)."""
 
         def on_stop(signum: int, _frame: object) -> None:
             log_event(log, "agent-stopping", signal=signal.Signals(signum).name)
-            stop.set()
+            self._stop.set()
             self._reload.set()
 
         def on_hup(_signum: int, _frame: object) -> None:
@@ -360,10 +360,13 @@ class Agent:
             signal.signal(signal.SIGTERM, on_stop)
             signal.signal(signal.SIGINT, on_stop)
             signal.signal(signal.SIGHUP, on_hup)
-        while not stop.is_set():
+
+    def serve(self) -> int:
+        """Block until SIGTERM/SIGINT; handle SIGHUP reloads; then stop."""
+        while not self._stop.is_set():
             self._reload.wait()
             self._reload.clear()
-            if not stop.is_set():
+            if not self._stop.is_set():
                 self.reload()
         return self.stop()
 
@@ -401,5 +404,6 @@ def run(data_dir: Path, join: str | None, config_file: Path | None, overrides: d
     elif join:
         log_event(log, "join-ignored", reason="data dir already enrolled", data_dir=str(paths.root))
     agent = Agent(paths.root, cfg, config_file, overrides)
+    agent.install_signals()
     agent.start()
     return agent.serve()
