@@ -17,7 +17,7 @@ from tapproof import __version__, logs
 from tapproof.errors import ConfigError, TapproofError
 
 # Each module has ``register(subparsers)`` that adds its parser and sets ``func``.
-_COMMANDS = ("server", "agent", "audit")
+_COMMANDS = ("server", "agent", "audit", "demo")
 
 EXIT_OK = 0
 EXIT_FAIL = 1
