@@ -197,7 +197,7 @@ class Demo:
                 self._netns()
             else:
                 self._loopback()
-        except DemoError as exc:
+        except (TapproofError, OSError, subprocess.TimeoutExpired) as exc:  # shown with the partial table
             error = str(exc)
         finally:
             with self._step("cleaning up (processes, taps, namespaces, temporary keys)"):
