@@ -164,7 +164,9 @@ class Agent:
         from tapproof.agent import transparent
 
         cfg, rt = self.rt.config, self.rt
-        sock = bind("0.0.0.0", cfg.transparent_port, what="--transparent-port")  # noqa: S104 - redirected traffic arrives on the host's addresses
+        # REDIRECT maps locally generated packets to 127.0.0.1: the listener never faces the network
+        # (bound to 0.0.0.0 it would be a plaintext relay that lends this host's identity to anyone).
+        sock = bind("127.0.0.1", cfg.transparent_port, what="--transparent-port")
         self.transparent = Listener(
             sock, TransparentHandler(rt, transparent.original_dst), name="transparent", direction="outbound"
         )

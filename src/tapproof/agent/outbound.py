@@ -25,9 +25,10 @@ from OpenSSL import SSL
 from tapproof.agent import events
 from tapproof.agent.config import Route
 from tapproof.agent.credstore import take_verify_error
+from tapproof.agent.inbound import is_own_address
 from tapproof.agent.metrics import HANDSHAKE_SECONDS, TUNNELS_ACTIVE
 from tapproof.agent.runtime import Runtime
-from tapproof.errors import PeerRejected, ProtocolError, TransportError
+from tapproof.errors import PeerRejected, ProtocolError, TapproofError, TransportError
 from tapproof.identity import host_id
 from tapproof.pki.certs import serial_hex
 from tapproof.tls.peer import check_peer, peer_leaf
@@ -189,9 +190,13 @@ class TransparentHandler:
         """Tunnel one redirected connection to ``CONNECT ip:port`` on the host that owns ip."""
         try:
             ip, port = self.original_dst(conn)
-        except OSError as exc:
+        except (OSError, TapproofError) as exc:
             _reset(conn)
             events.refused(DIRECTION, "no-original-destination", detail=str(exc), via="transparent")
+            return
+        if is_own_address(ip):  # not redirected (a direct connection), or a loop back into ourselves
+            _reset(conn)
+            events.refused(DIRECTION, "own-address", destination=format_hostport(ip, port), via="transparent")
             return
         host = self.rt.registry.host_for_ip(ip)
         if host is None:
