@@ -23,9 +23,9 @@ def register(sub: Any) -> None:
     sp = asub.add_parser(
         "run",
         help="run the agent: tunnel port, routes, sync with the control plane",
-        description="Flags override the --config file, which overrides nothing else; every flag is also a "
-        "TOML key (dashes become underscores) and a TAPPROOF_<KEY> variable. Repeatable flags replace "
-        "the file's list.",
+        description="Settings come from the --config TOML file, then TAPPROOF_<KEY> variables, then flags "
+        "(each later source wins). Every flag is also a TOML key (dashes become underscores); a repeatable "
+        "flag given on the command line replaces the file's list.",
     )
     sp.add_argument("--data-dir", required=True, type=Path, help="the agent's data directory")
     sp.add_argument("--join", help="join string: enrolls on the first start (ignored once enrolled)")
