@@ -7,7 +7,6 @@ from pathlib import Path
 
 from tapproof.agent.policycache import PolicyCache, parse_policy
 from tapproof.agent.registry import RegistryCache
-from tapproof.agent.sync import renewal_due
 from tapproof.identity import host_id, parse
 from tapproof.pki import certs, keys
 from tapproof.tls.credentials import Credentials
@@ -68,6 +67,6 @@ def test_renewal_due_counts_from_issuance_not_the_backdate() -> None:
     key = keys.generate("ecdsa-p256")
     leaf = certs.make_leaf(key.public_key(), parse("spiffe://td/host/a"), root_key, root, now, dt.timedelta(minutes=1))
     creds = Credentials(key, (leaf,))
-    assert not renewal_due(creds, now + dt.timedelta(seconds=5), 0.5)
-    assert not renewal_due(creds, now + dt.timedelta(seconds=28), 0.5)
-    assert renewal_due(creds, now + dt.timedelta(seconds=31), 0.5)
+    assert not creds.renewal_due(now + dt.timedelta(seconds=5), 0.5)
+    assert not creds.renewal_due(now + dt.timedelta(seconds=28), 0.5)
+    assert creds.renewal_due(now + dt.timedelta(seconds=31), 0.5)

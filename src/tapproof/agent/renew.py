@@ -1,6 +1,6 @@
 """Renewal: a new key and certificate for the same identity, at half-life, through the server.
 
-:func:`renewal_due` is the pure decision (time injected); :func:`renew` does
+:meth:`Credentials.renewal_due` is the pure decision (time injected); :func:`renew` does
 the call and the atomic swap on disk. A failed renewal changes nothing: the
 current key and certificate stay in place and keep serving until expiry.
 """
@@ -21,12 +21,6 @@ from tapproof.tls import context
 from tapproof.tls.credentials import Credentials, TrustBundle
 
 log = logging.getLogger(__name__)
-
-
-def renewal_due(creds: Credentials, now: dt.datetime, fraction: float = 0.5) -> bool:
-    """True once ``fraction`` of the certificate's lifetime has passed."""
-    life = creds.not_after - creds.not_before
-    return now >= creds.not_before + life * fraction
 
 
 def client_for(paths: AgentPaths, creds: Credentials | None = None, bundle: TrustBundle | None = None) -> APIClient:

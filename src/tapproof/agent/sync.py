@@ -36,8 +36,7 @@ from tapproof.agent.state import load_identity, save_bundle
 from tapproof.control.client import APIClient
 from tapproof.errors import APIError, ConfigError, PKIError, TapproofError, TransportError
 from tapproof.logs import log_event
-from tapproof.pki import certs
-from tapproof.tls.credentials import Credentials, TrustBundle
+from tapproof.tls.credentials import TrustBundle
 
 log = logging.getLogger(__name__)
 
@@ -45,29 +44,6 @@ __all__ = ["REGISTER_EVERY", "SyncLoop"]
 
 REGISTER_EVERY = 60.0
 """Seconds between re-registrations (the server also learns liveness from them)."""
-
-
-def issued_at(creds: Credentials) -> dt.datetime:
-    """When the certificate was issued: ``not_before`` is backdated by ``certs.BACKDATE`` for clock skew."""
-    if creds.not_after - creds.not_before > certs.BACKDATE:
-        return creds.not_before + certs.BACKDATE
-    return creds.not_before
-
-
-def lifetime(creds: Credentials) -> dt.timedelta:
-    """The lifetime the server granted (without the clock-skew backdate)."""
-    return creds.not_after - issued_at(creds)
-
-
-def renewal_due(creds: Credentials, now: dt.datetime, fraction: float) -> bool:
-    """True once ``fraction`` of the granted lifetime has passed.
-
-    Not :func:`tapproof.agent.renew.renewal_due`, which counts from the backdated
-    ``not_before``: with a 1-minute lifetime (6 minutes with the backdate) it is
-    due at once, and again right after every renewal.
-    """
-    start = issued_at(creds)
-    return now >= start + (creds.not_after - start) * fraction
 
 
 class SyncLoop:
@@ -183,7 +159,7 @@ class SyncLoop:
         rt = self.rt
         material = rt.creds.current
         now = rt.now()
-        if not renewal_due(material.creds, now, rt.config.renew_fraction):
+        if not material.creds.renewal_due(now, rt.config.renew_fraction):
             self._backoff, self._next_renew_try = 0.0, 0.0
             return
         mono = time.monotonic()
@@ -192,7 +168,7 @@ class SyncLoop:
         try:
             new = renewal.renew(rt.paths, now, self.client)
         except TapproofError as exc:
-            life = lifetime(material.creds).total_seconds()
+            life = material.creds.lifetime.total_seconds()
             cap = max(1.0, min(60.0, life * 0.05))
             self._backoff = min(cap, self._backoff * 2 if self._backoff else 1.0)
             self._next_renew_try = mono + self._backoff
@@ -219,7 +195,7 @@ class SyncLoop:
         now = self.rt.now()
         left = (creds.not_after - now).total_seconds()
         CERT_EXPIRY.set(left)
-        life = lifetime(creds).total_seconds()
+        life = creds.lifetime.total_seconds()
         mono = time.monotonic()
         if left < life / 4 and mono - self._last_warn >= 30.0:
             self._last_warn = mono

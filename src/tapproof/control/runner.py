@@ -80,7 +80,7 @@ class ServerCredentials:
         with self._lock:
             assert self._creds is not None  # noqa: S101
             c = self._creds
-        return self.cp.clock.now() >= c.not_before + (c.not_after - c.not_before) / 2
+        return c.renewal_due(self.cp.clock.now(), 0.5)
 
 
 def run(data_dir: Path, overrides: dict[str, Any], clock: Clock, ready: threading.Event | None = None) -> int:

@@ -39,8 +39,29 @@ class Credentials:
 
     @property
     def not_before(self) -> dt.datetime:
-        """When the leaf became valid."""
+        """When the leaf became valid (backdated by ``certs.BACKDATE`` at issuance)."""
         return self.leaf.not_valid_before_utc
+
+    @property
+    def issued_at(self) -> dt.datetime:
+        """When the leaf was issued: ``not_before`` without the clock-skew backdate."""
+        if self.not_after - self.not_before > certs.BACKDATE:
+            return self.not_before + certs.BACKDATE
+        return self.not_before
+
+    @property
+    def lifetime(self) -> dt.timedelta:
+        """The lifetime the issuer granted (without the backdate)."""
+        return self.not_after - self.issued_at
+
+    def renewal_due(self, now: dt.datetime, fraction: float = 0.5) -> bool:
+        """True once ``fraction`` of the granted lifetime has passed, counted from issuance.
+
+        Counting from the backdated ``not_before`` would make a 1-minute
+        certificate (6 minutes with the backdate) due at once, and again after
+        every renewal.
+        """
+        return now >= self.issued_at + self.lifetime * fraction
 
     def save(self, key_path: Path, cert_path: Path) -> None:
         """Write key (0600) then chain, each atomically.
