@@ -20,8 +20,6 @@ import struct
 import time
 from collections.abc import Callable
 
-from OpenSSL import SSL
-
 from tapproof.agent import events
 from tapproof.agent.config import Route
 from tapproof.agent.credstore import take_verify_error
@@ -32,7 +30,7 @@ from tapproof.errors import PeerRejected, ProtocolError, TapproofError, Transpor
 from tapproof.identity import host_id
 from tapproof.pki.certs import serial_hex
 from tapproof.tls.peer import check_peer, peer_leaf
-from tapproof.tls.stream import TLSStream, connect
+from tapproof.tls.stream import connect
 from tapproof.tunnel import preamble
 from tapproof.tunnel.relay import Relay
 from tapproof.units import format_hostport
@@ -71,7 +69,7 @@ def open_tunnel(rt: Runtime, app: socket.socket, app_addr: tuple[str, int], host
     expected = host_id(rt.trust_domain, host)
     take_verify_error()
     try:
-        stream = _connect(addr, material.client_ctx, rt.mark)
+        stream = connect(addr, material.client_ctx, timeout=CONNECT_TIMEOUT, mark=rt.mark)
     except PeerRejected as exc:
         _reset(app)
         events.refused(DIRECTION, events.handshake_reason(exc, take_verify_error()), detail=exc.detail, **fields)
@@ -134,29 +132,6 @@ def open_tunnel(rt: Runtime, app: socket.socket, app_addr: tuple[str, int], host
     events.finished(
         DIRECTION, result, source=source, setup=round(time.monotonic() - start - result.duration, 4), **fields
     )
-
-
-def _connect(addr: tuple[str, int], ctx: SSL.Context, mark: int | None) -> TLSStream:
-    """TCP + TLS to ``addr`` (PQ group enforced); ``mark`` sets SO_MARK before connecting."""
-    deadline = time.monotonic() + CONNECT_TIMEOUT
-    if mark is None:
-        return connect(addr, ctx, timeout=CONNECT_TIMEOUT)
-    sock = socket.socket(socket.AF_INET6 if ":" in addr[0] else socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, getattr(socket, "SO_MARK", 36), mark)
-        sock.settimeout(CONNECT_TIMEOUT)
-        sock.connect(addr)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except OSError as exc:
-        sock.close()
-        raise TransportError(f"cannot connect to {format_hostport(*addr)}: {exc.strerror or exc}") from exc
-    stream = TLSStream.client(ctx, sock)
-    try:
-        stream.handshake(deadline)
-    except BaseException:
-        stream.abort()
-        raise
-    return stream
 
 
 def _source_header(addr: object) -> str | None:

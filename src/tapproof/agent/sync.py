@@ -91,6 +91,7 @@ class SyncLoop:
     # --- one round -------------------------------------------------------------------
     def sync_once(self) -> None:
         """One round: poll, maybe register, maybe renew, update the expiry metric."""
+        self.client.mark = self.rt.mark  # set when transparent mode starts, maybe after this loop was built
         try:
             self._poll()
             self._set_up(True, None)

@@ -94,6 +94,7 @@ class APIClient:
         *,
         timeout: float = 10.0,
         now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+        mark: int | None = None,
     ) -> None:
         if not servers:
             raise TransportError("no control-plane server address configured")
@@ -102,6 +103,7 @@ class APIClient:
         self.ctx_factory = ctx_factory
         self.timeout = timeout
         self.now = now
+        self.mark = mark  # SO_MARK for transparent mode (see tls.stream.connect)
 
     def call(
         self, method: str, path: str, body: Any = None, headers: Sequence[tuple[str, str]] = ()
@@ -111,7 +113,7 @@ class APIClient:
         for server in self.servers:
             host, port = parse_hostport(server, what="server address")
             try:
-                stream = connect((host, port), self.ctx_factory(), timeout=self.timeout)
+                stream = connect((host, port), self.ctx_factory(), timeout=self.timeout, mark=self.mark)
             except (TransportError, PeerRejected) as exc:
                 last = exc
                 continue

@@ -154,20 +154,38 @@ def _describe(exc: Exception) -> str:
     return str(exc) or type(exc).__name__
 
 
+SO_MARK = getattr(socket, "SO_MARK", 36)  # Linux; the constant is missing from some Pythons
+
+
 def connect(
     address: tuple[str, int],
     ctx: SSL.Context,
     *,
     timeout: float = 10.0,
     server_name: str | None = None,
+    mark: int | None = None,
 ) -> TLSStream:
-    """Connect TCP + TLS to ``address`` within ``timeout`` seconds (PQ group enforced)."""
+    """Connect TCP + TLS to ``address`` within ``timeout`` seconds (PQ group enforced).
+
+    ``mark`` sets ``SO_MARK`` before connecting, so that transparent mode's
+    redirect rules let the agent's own connections through instead of looping.
+    """
     deadline = time.monotonic() + timeout
+    where = f"{address[0]}:{address[1]}"
     try:
-        sock = socket.create_connection(address, timeout=timeout)
+        family, type_, proto, _, sockaddr = socket.getaddrinfo(*address, type=socket.SOCK_STREAM)[0]
     except OSError as exc:
-        raise TransportError(f"cannot connect to {address[0]}:{address[1]}: {exc.strerror or exc}") from exc
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        raise TransportError(f"cannot resolve {where}: {exc.strerror or exc}") from exc
+    sock = socket.socket(family, type_, proto)
+    try:
+        if mark is not None:
+            sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+        sock.settimeout(timeout)
+        sock.connect(sockaddr)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError as exc:
+        sock.close()
+        raise TransportError(f"cannot connect to {where}: {exc.strerror or exc}") from exc
     stream = TLSStream.client(ctx, sock, server_name)
     try:
         stream.handshake(deadline)
