@@ -98,6 +98,16 @@ class ServerProc:
     listen: str
     proc: subprocess.Popen[bytes]
     log_path: Path
+    metrics: str = ""  # the Prometheus address, 127.0.0.1:PORT
+
+    @property
+    def address(self) -> str:
+        """The API address (what join strings carry)."""
+        return self.listen
+
+    def log(self) -> str:
+        """Everything the server logged so far."""
+        return self.log_path.read_text(errors="replace")
 
     def admin(self, *args: str) -> str:
         """Run an admin command against this server (``server ARGS --data-dir D``); return stdout."""
@@ -105,9 +115,9 @@ class ServerProc:
         assert res.returncode == 0, f"server {' '.join(args)}: {res.stderr}"
         return res.stdout
 
-    def token(self, host: str) -> str:
+    def token(self, host: str, ttl: str = "15m") -> str:
         """One join string for ``host``."""
-        return self.admin("token", "create", "--host", host).strip()
+        return self.admin("token", "create", "--host", host, "--ttl", ttl).strip()
 
     def stop(self) -> int:
         """SIGTERM (then SIGKILL)."""
@@ -121,14 +131,16 @@ class ServerProc:
 
     def restart(self) -> None:
         """Start again on the same address and data dir."""
-        self.proc = _start_server_proc(self.data_dir, self.listen, self.log_path)
+        self.proc = _start_server_proc(self.data_dir, self.listen, self.log_path, self.metrics)
 
 
-def _start_server_proc(data_dir: Path, listen: str, log_path: Path, timeout: float = 30) -> subprocess.Popen[bytes]:
+def _start_server_proc(
+    data_dir: Path, listen: str, log_path: Path, metrics: str, timeout: float = 30
+) -> subprocess.Popen[bytes]:
     run_file = data_dir / "run" / "address.json"
     with contextlib.suppress(FileNotFoundError):
         run_file.unlink()
-    argv = ["server", "run", "--data-dir", str(data_dir), "--listen", listen, "--metrics", f"127.0.0.1:{free_port()}"]
+    argv = ["server", "run", "--data-dir", str(data_dir), "--listen", listen, "--metrics", metrics]
     deadline = time.monotonic() + timeout
     while True:
         proc = _spawn(argv, log_path)
@@ -160,7 +172,8 @@ def start_server(data_dir: Path, td: str = "example.org", leaf_ttl: str = "1h") 
     """Init and run a server on 127.0.0.1."""
     listen = init_server(data_dir, td, leaf_ttl)
     log_path = data_dir.parent / f"{data_dir.name}.log"
-    return ServerProc(data_dir, listen, _start_server_proc(data_dir, listen, log_path), log_path)
+    metrics = f"127.0.0.1:{free_port()}"
+    return ServerProc(data_dir, listen, _start_server_proc(data_dir, listen, log_path, metrics), log_path, metrics)
 
 
 @contextlib.contextmanager

@@ -17,7 +17,7 @@ from tapproof.agent.enroll import enroll
 from tapproof.control.joinstring import parse
 from tapproof.units import parse_hostport
 from tests.helpers import require_root, require_tool
-from tests.integration import serverproc
+from tests.integration import procs
 
 pytestmark = [pytest.mark.integration, pytest.mark.root, pytest.mark.tcpdump]
 
@@ -25,7 +25,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.root, pytest.mark.tcpdump]
 def test_enrollment_negotiates_x25519mlkem768(tmp_path: Path) -> None:
     require_root()
     require_tool("tcpdump", "tshark")
-    with serverproc.running(tmp_path / "srv") as srv:
+    with procs.server(tmp_path / "srv") as srv:
         _, port = parse_hostport(srv.address)
         join = srv.token("captured")  # before the capture: it holds the enrollment alone
         pcap = tmp_path / "enroll.pcap"

@@ -27,8 +27,9 @@ from tapproof.control.joinstring import JoinString, parse
 from tapproof.errors import APIError, PeerRejected, TapproofError, TransportError
 from tapproof.pki import csr, keys
 from tapproof.units import parse_hostport
-from tests.integration import serverproc
-from tests.integration.serverproc import Server, tapproof
+from tests.integration import procs
+from tests.integration.procs import ServerProc as Server
+from tests.integration.procs import tapproof
 from tests.pkifix import host_creds, make_ca
 
 pytestmark = pytest.mark.integration
@@ -37,7 +38,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     d = tmp_path_factory.mktemp("srv") / "data"
-    with serverproc.running(d) as srv:
+    with procs.server(d) as srv:
         yield srv
 
 
@@ -268,13 +269,13 @@ def test_init_refuses_to_overwrite(server: Server) -> None:
 
 def test_corrupt_data_dir_and_database(tmp_path: Path) -> None:
     d = tmp_path / "d"
-    serverproc.init(d)
+    procs.init_server(d)
     (d / "ca" / "intermediate.crt").write_text("garbage")
     res = tapproof("server", "run", "--data-dir", str(d), "--metrics", "")
     assert res.returncode == 2
     assert "corrupt CA" in res.stderr
     e = tmp_path / "e"
-    serverproc.init(e)
+    procs.init_server(e)
     (e / "tapproof.db").write_bytes(b"this is not a database" * 100)
     res = tapproof("server", "run", "--data-dir", str(e), "--metrics", "")
     assert res.returncode == 1

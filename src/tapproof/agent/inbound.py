@@ -32,7 +32,7 @@ import time
 from tapproof.agent import events
 from tapproof.agent.config import Service
 from tapproof.agent.credstore import take_verify_error
-from tapproof.agent.metrics import HANDSHAKE_SECONDS, TUNNELS_ACTIVE
+from tapproof.agent.metrics import HANDSHAKE_SECONDS
 from tapproof.agent.runtime import Runtime
 from tapproof.errors import (
     HandshakeTimeout,
@@ -214,15 +214,9 @@ class InboundHandler:
             events.refused(DIRECTION, "peer-gone", detail=str(exc), **fields)
             return
         relay = Relay(service_sock, stream.conn, idle_timeout=cfg.idle_timeout, to_plain=pre.leftover)
-        tunnel = rt.tunnels.add(DIRECTION, peer.name, serial, name, relay)
-        if rt.policy.is_revoked(serial, peer.name):  # revoked between the check and now
-            relay.stop()
-        TUNNELS_ACTIVE.labels(DIRECTION).inc()
-        try:
-            result = relay.run()
-        finally:
-            TUNNELS_ACTIVE.labels(DIRECTION).dec()
-            rt.tunnels.remove(tunnel)
+        result = rt.tunnels.run(
+            DIRECTION, peer.name, serial, name, relay, revoked=lambda: rt.policy.is_revoked(serial, peer.name)
+        )
         events.finished(DIRECTION, result, setup=round(time.monotonic() - start - result.duration, 4), **fields)
 
     def _own_ports(self) -> set[int]:

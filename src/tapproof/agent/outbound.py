@@ -24,7 +24,7 @@ from tapproof.agent import events
 from tapproof.agent.config import Route
 from tapproof.agent.credstore import take_verify_error
 from tapproof.agent.inbound import is_own_address
-from tapproof.agent.metrics import HANDSHAKE_SECONDS, TUNNELS_ACTIVE
+from tapproof.agent.metrics import HANDSHAKE_SECONDS
 from tapproof.agent.runtime import Runtime
 from tapproof.errors import PeerRejected, ProtocolError, TapproofError, TransportError
 from tapproof.identity import host_id
@@ -120,15 +120,7 @@ def open_tunnel(rt: Runtime, app: socket.socket, app_addr: tuple[str, int], host
         events.refused(DIRECTION, reason, status=resp.status, **fields)
         return
     relay = Relay(app, stream.conn, idle_timeout=rt.config.idle_timeout, to_plain=cp.leftover)
-    tunnel = rt.tunnels.add(DIRECTION, host, serial, target, relay)
-    if rt.policy.is_revoked(serial, host):
-        relay.stop()
-    TUNNELS_ACTIVE.labels(DIRECTION).inc()
-    try:
-        result = relay.run()
-    finally:
-        TUNNELS_ACTIVE.labels(DIRECTION).dec()
-        rt.tunnels.remove(tunnel)
+    result = rt.tunnels.run(DIRECTION, host, serial, target, relay, revoked=lambda: rt.policy.is_revoked(serial, host))
     events.finished(
         DIRECTION, result, source=source, setup=round(time.monotonic() - start - result.duration, 4), **fields
     )

@@ -12,9 +12,10 @@ import dataclasses
 import itertools
 import threading
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 
-from tapproof.tunnel.relay import Relay
+from tapproof.agent.metrics import TUNNELS_ACTIVE
+from tapproof.tunnel.relay import Relay, RelayResult
 
 __all__ = ["Tunnel", "TunnelTable"]
 
@@ -47,6 +48,31 @@ class TunnelTable:
             t = Tunnel(next(self._ids), direction, peer_host, peer_serial.lower(), service, relay)
             self._tunnels[t.tunnel_id] = t
             return t
+
+    def run(
+        self,
+        direction: str,
+        peer_host: str,
+        peer_serial: str,
+        service: str,
+        relay: Relay,
+        *,
+        revoked: Callable[[], bool],
+    ) -> RelayResult:
+        """Run ``relay`` registered in the table (revocation, drain, /status), then forget it.
+
+        ``revoked`` is asked once the tunnel is registered: a revocation that
+        arrived between the peer check and now stops the relay at once.
+        """
+        tunnel = self.add(direction, peer_host, peer_serial, service, relay)
+        if revoked():
+            relay.stop()
+        TUNNELS_ACTIVE.labels(direction).inc()
+        try:
+            return relay.run()
+        finally:
+            TUNNELS_ACTIVE.labels(direction).dec()
+            self.remove(tunnel)
 
     def remove(self, tunnel: Tunnel) -> None:
         """Forget a finished tunnel."""

@@ -109,40 +109,19 @@ class APIClient:
         self, method: str, path: str, body: Any = None, headers: Sequence[tuple[str, str]] = ()
     ) -> tuple[int, dict[str, str], Any]:
         """Make one call; try each server in turn on transport errors and 503s."""
-        last: Exception | None = None
-        for server in self.servers:
-            host, port = parse_hostport(server, what="server address")
-            try:
-                stream = connect((host, port), self.ctx_factory(), timeout=self.timeout, mark=self.mark)
-            except (TransportError, PeerRejected) as exc:
-                last = exc
-                continue
-            try:
-                check_peer(
-                    stream,
-                    trust_domain=self.td,
-                    now=self.now(),
-                    usage="server",
-                    accept=lambda s: s.kind is identity.Kind.SERVER,
-                )
-                status, rh, parsed = _roundtrip(stream, method, path, body, headers, server, self.timeout)
-            except TransportError as exc:
-                stream.abort()
-                last = exc
-                continue
-            except BaseException:
-                stream.abort()
-                raise
-            stream.close(time.monotonic() + 1.0)
-            if status == 503 and server != self.servers[-1]:
-                last = APIError(503, "unavailable", f"{server} is unavailable")
-                continue
-            _raise_for(status, parsed)
-            return status, rh, parsed
-        assert last is not None  # noqa: S101 - at least one server was tried
-        if isinstance(last, APIError | PeerRejected):
-            raise last
-        raise TransportError(f"no control-plane server answered ({', '.join(self.servers)}): {last}")
+
+        def verify(stream: TLSStream) -> None:
+            check_peer(
+                stream,
+                trust_domain=self.td,
+                now=self.now(),
+                usage="server",
+                accept=lambda s: s.kind is identity.Kind.SERVER,
+            )
+
+        return _call_any(
+            self.servers, self.ctx_factory, verify, method, path, body, headers, timeout=self.timeout, mark=self.mark
+        )
 
     def get(self, path: str) -> Any:
         """GET and return the JSON body."""
@@ -153,24 +132,35 @@ class APIClient:
         return self.call("POST", path, body)[2]
 
 
-def enroll_pinned(
-    servers: Sequence[str], trust_domain: str, fingerprint: str, body: dict[str, Any], *, timeout: float = 10.0
-) -> Any:
-    """POST /v1/enroll to the first server whose chain ends at the pinned root.
+def _call_any(
+    servers: Sequence[str],
+    ctx_factory: Callable[[], SSL.Context],
+    verify: Callable[[TLSStream], None],
+    method: str,
+    path: str,
+    body: Any,
+    headers: Sequence[tuple[str, str]],
+    *,
+    timeout: float,
+    mark: int | None = None,
+) -> tuple[int, dict[str, str], Any]:
+    """Connect to each server in turn, ``verify`` it (raises: no retry), then make the request.
 
-    The pinned-root check runs before the request (and its join secret) is sent.
+    Transport errors, refused handshakes and 503 answers move on to the next
+    server; an identity ``verify`` refuses is raised at once, before a byte of
+    the request is sent.
     """
     last: Exception | None = None
     for server in servers:
         host, port = parse_hostport(server, what="server address")
         try:
-            stream = connect((host, port), context.pinning_client_context(), timeout=timeout)
-        except TransportError as exc:
+            stream = connect((host, port), ctx_factory(), timeout=timeout, mark=mark)
+        except (TransportError, PeerRejected) as exc:
             last = exc
             continue
         try:
-            pinning.verify_pinned(stream, fingerprint, trust_domain, dt.datetime.now(dt.UTC))
-            status, _h, parsed = _roundtrip(stream, "POST", "/v1/enroll", body, (), server, timeout)
+            verify(stream)
+            status, rh, parsed = _roundtrip(stream, method, path, body, headers, server, timeout)
         except TransportError as exc:
             stream.abort()
             last = exc
@@ -179,6 +169,27 @@ def enroll_pinned(
             stream.abort()
             raise
         stream.close(time.monotonic() + 1.0)
+        if status == 503 and server != servers[-1]:
+            last = APIError(503, "unavailable", f"{server} is unavailable")
+            continue
         _raise_for(status, parsed)
-        return parsed
+        return status, rh, parsed
+    if isinstance(last, APIError | PeerRejected):
+        raise last
     raise TransportError(f"no control-plane server answered ({', '.join(servers)}): {last}")
+
+
+def enroll_pinned(
+    servers: Sequence[str], trust_domain: str, fingerprint: str, body: dict[str, Any], *, timeout: float = 10.0
+) -> Any:
+    """POST /v1/enroll to the first server whose chain ends at the pinned root.
+
+    The pinned-root check runs before the request (and its join secret) is sent.
+    """
+
+    def verify(stream: TLSStream) -> None:
+        pinning.verify_pinned(stream, fingerprint, trust_domain, dt.datetime.now(dt.UTC))
+
+    return _call_any(servers, context.pinning_client_context, verify, "POST", "/v1/enroll", body, (), timeout=timeout)[
+        2
+    ]
