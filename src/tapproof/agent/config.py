@@ -2,8 +2,9 @@
 
 One name everywhere: flag ``--listen-tunnel``, key ``listen_tunnel``, variable
 ``TAPPROOF_LISTEN_TUNNEL``. Repeatable settings (``service``, ``route``,
-``fleet_cidr``) are TOML lists of strings and comma-separated in the
-environment; a source that sets one replaces it wholesale (flags win).
+``fleet_cidr``, ``protected_port``) are TOML lists (of strings; ports may be
+integers) and comma-separated in the environment; a source that sets one
+replaces it wholesale (flags win).
 
 Every rule that involves a value's syntax or several fields lives in ONE
 function, :func:`check`, whose messages name the flag (ghostunnel style).
@@ -31,11 +32,12 @@ Mode = Literal["strict", "permissive"]
 DEFAULT_LISTEN_TUNNEL = "0.0.0.0:7444"
 DEFAULT_ADMIN = "127.0.0.1:7445"
 DEFAULT_TRANSPARENT_PORT = 7447
+DEFAULT_INBOUND_PORT = 7448
 
-_LISTS = ("service", "route", "fleet_cidr")
+_LISTS = ("service", "route", "fleet_cidr", "protected_port")
 _STRINGS = ("listen_tunnel", "advertise", "mode", "admin", "sync_interval", "drain_timeout", "idle_timeout")
 _BOOLS = ("transparent", "unsafe_service_target", "unsafe_route_listen")
-_NUMBERS = ("transparent_port", "renew_fraction")
+_NUMBERS = ("transparent_port", "inbound_port", "renew_fraction")
 KEYS = _LISTS + _STRINGS + _BOOLS + _NUMBERS
 """Every key a config file, the environment or the flags may set."""
 
@@ -85,6 +87,8 @@ class AgentConfig:
     transparent: bool = False
     transparent_port: int = DEFAULT_TRANSPARENT_PORT
     fleet_cidrs: tuple[str, ...] = ()
+    protected_ports: tuple[int, ...] = ()  # the --protected-port list only; see protected_port_set()
+    inbound_port: int = DEFAULT_INBOUND_PORT
     admin: str = DEFAULT_ADMIN  # "" disables the admin endpoint
     renew_fraction: float = 0.5
     sync_interval: float = 5.0
@@ -99,6 +103,17 @@ class AgentConfig:
             if s.name == name:
                 return s
         return None
+
+    def protected_port_set(self) -> tuple[int, ...]:
+        """Ports whose inbound connections transparent mode redirects into the agent (sorted).
+
+        The ``--protected-port`` list plus the port of every ``--service`` TCP target on loopback
+        (a unix socket has no port; a non-loopback target, allowed by ``--unsafe-service-target``,
+        is another machine's port, not one of ours).
+        """
+        ports = set(self.protected_ports)
+        ports.update(s.port for s in self.services if not s.unix_path and is_loopback(s.host))
+        return tuple(sorted(ports))
 
 
 def is_loopback(host: str) -> bool:
@@ -142,6 +157,20 @@ def _parse_route(text: str, unsafe_listen: bool) -> Route:
             "host's identity; listen on loopback, or accept the risk with --unsafe-route-listen"
         )
     return Route(lhost, lport, check_name(name, what="--route service"), check_name(host, what="--route host"))
+
+
+def _port(value: Any, what: str, *, allow_zero: bool) -> int:
+    """A TCP port from an int or a decimal string; ConfigError naming ``what`` otherwise."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{what}: {value!r} is not a port number")
+    try:
+        port = int(value.strip()) if isinstance(value, str) else int(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{what}: {value!r} is not a port number") from exc
+    low = 0 if allow_zero else 1
+    if not low <= port < 65536:
+        raise ConfigError(f"{what}: {port} is not a port number ({low}-65535)")
+    return port
 
 
 def _seconds(value: Any, what: str) -> float:
@@ -224,6 +253,18 @@ def check(raw: dict[str, Any], *, is_root: bool | None = None) -> AgentConfig:
         raise ConfigError(f"--transparent-port: {tp!r} is not a port number") from exc
     if not 0 <= transparent_port < 65536:
         raise ConfigError(f"--transparent-port: {transparent_port} is not a port number (0-65535)")
+    ip = raw.get("inbound_port", DEFAULT_INBOUND_PORT)
+    inbound_port = _port(ip, "--inbound-port", allow_zero=True)
+    pp = raw.get("protected_port", [])
+    if not isinstance(pp, list | tuple):
+        pp = [pp]
+    protected = []
+    for v in pp:
+        if isinstance(v, str) and not v.strip():
+            continue
+        port = _port(v, "--protected-port", allow_zero=False)
+        if port not in protected:
+            protected.append(port)
     cidrs = []
     for c in strings("fleet_cidr"):
         try:
@@ -232,6 +273,8 @@ def check(raw: dict[str, Any], *, is_root: bool | None = None) -> AgentConfig:
             raise ConfigError(f"--fleet-cidr: {c!r} is not a CIDR like 10.0.0.0/8") from exc
     if cidrs and not transparent:
         raise ConfigError("--fleet-cidr: only meaningful with --transparent")
+    if protected and not transparent:
+        raise ConfigError("--protected-port: only meaningful with --transparent")
     if transparent:
         if not sys.platform.startswith("linux"):
             raise ConfigError("--transparent: needs Linux (iptables/nftables and SO_ORIGINAL_DST)")
@@ -240,6 +283,8 @@ def check(raw: dict[str, Any], *, is_root: bool | None = None) -> AgentConfig:
             raise ConfigError("--transparent: needs root to install redirect rules")
         if transparent_port == tport and transparent_port != 0:
             raise ConfigError("--transparent-port: must differ from the --listen-tunnel port")
+        if inbound_port != 0 and inbound_port in (tport, transparent_port):
+            raise ConfigError("--inbound-port: must differ from the --listen-tunnel and --transparent-port ports")
 
     admin = text("admin", DEFAULT_ADMIN)
     if admin:
@@ -248,8 +293,13 @@ def check(raw: dict[str, Any], *, is_root: bool | None = None) -> AgentConfig:
             raise ConfigError("--admin: must not use the --listen-tunnel port")
         if aport != 0 and aport in {r.listen_port for r in routes}:
             raise ConfigError("--admin: must not use a --route listen port")
+        if transparent and aport != 0 and aport == inbound_port:
+            raise ConfigError("--admin: must not use the --inbound-port port")
     if tport != 0 and tport in {r.listen_port for r in routes}:
         raise ConfigError("--route: must not listen on the --listen-tunnel port")
+
+    if transparent:
+        _check_protected(protected, services, tport, transparent_port, inbound_port, admin)
 
     rf = raw.get("renew_fraction", 0.5)
     try:
@@ -274,6 +324,8 @@ def check(raw: dict[str, Any], *, is_root: bool | None = None) -> AgentConfig:
         transparent=transparent,
         transparent_port=transparent_port,
         fleet_cidrs=tuple(cidrs),
+        protected_ports=tuple(protected),
+        inbound_port=inbound_port,
         admin=admin,
         renew_fraction=renew_fraction,
         sync_interval=sync_interval,
@@ -282,6 +334,35 @@ def check(raw: dict[str, Any], *, is_root: bool | None = None) -> AgentConfig:
         unsafe_service_target=unsafe_target,
         unsafe_route_listen=unsafe_listen,
     )
+
+
+def _check_protected(
+    protected: list[int],
+    services: tuple[Service, ...],
+    tunnel_port: int,
+    transparent_port: int,
+    inbound_port: int,
+    admin: str,
+) -> None:
+    """No protected port (flag or service port) may be one of the agent's own ports.
+
+    Redirecting the tunnel port would send peers' TLS into the plaintext inbound
+    listener (every tunnel refused in strict mode); redirecting the inbound or
+    transparent port would loop the agent into itself.
+    """
+    own = {tunnel_port: "--listen-tunnel", transparent_port: "--transparent-port", inbound_port: "--inbound-port"}
+    if admin:
+        own.setdefault(parse_hostport(admin, what="--admin", allow_zero=True)[1], "--admin")
+    own.pop(0, None)
+    for p in protected:
+        if p in own:
+            raise ConfigError(f"--protected-port: {p} is the {own[p]} port; the agent's own ports are never protected")
+    for s in services:
+        if not s.unix_path and is_loopback(s.host) and s.port in own:
+            raise ConfigError(
+                f"--service: {s.name} uses port {s.port}, the {own[s.port]} port; in --transparent mode a "
+                "service's port is protected (redirected into the agent), so it must not be one of the agent's ports"
+            )
 
 
 def read_file(path: Path) -> dict[str, Any]:

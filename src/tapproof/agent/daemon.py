@@ -52,6 +52,7 @@ from tapproof.agent.enroll import enroll
 from tapproof.agent.inbound import InboundHandler
 from tapproof.agent.listener import Listener, bind
 from tapproof.agent.outbound import RouteHandler, TransparentHandler
+from tapproof.agent.plaininbound import PlainInbound
 from tapproof.agent.policycache import PolicyCache
 from tapproof.agent.registry import RegistryCache
 from tapproof.agent.runtime import Runtime
@@ -67,7 +68,16 @@ log = logging.getLogger(__name__)
 __all__ = ["Agent", "run"]
 
 # Settings a SIGHUP cannot change (sockets and rules are set up once).
-_RESTART_ONLY = ("listen_tunnel", "advertise", "admin", "transparent", "transparent_port", "fleet_cidrs")
+_RESTART_ONLY = (
+    "listen_tunnel",
+    "advertise",
+    "admin",
+    "transparent",
+    "transparent_port",
+    "fleet_cidrs",
+    "protected_ports",
+    "inbound_port",
+)
 
 
 def run_file(data_dir: Path) -> Path:
@@ -99,6 +109,8 @@ class Agent:
         self.tunnel: Listener | None = None
         self.routes: dict[Route, Listener] = {}
         self.transparent: Listener | None = None
+        self.plain: Listener | None = None  # transparent mode: plaintext inbound to protected ports
+        self.plain_handler: PlainInbound | None = None
         self.redirector: Any = None
         self.admin: AdminServer | None = None
         self.sync: SyncLoop | None = None
@@ -175,13 +187,31 @@ class Agent:
         cidrs = list(cfg.fleet_cidrs) + [
             f"{ip}/{32 if ':' not in ip else 128}" for ip in rt.registry.host_ips() if ip not in own
         ]
-        # Inbound protection (strict/permissive for plaintext arriving on protected ports) is the
-        # transparent-inbound listener's job; until it exists no PREROUTING rule is installed.
+        # Inbound: connections from the network to a protected port go to the plaintext inbound listener
+        # (strict refuses, permissive forwards and counts; agent/plaininbound.py). PREROUTING REDIRECT
+        # rewrites the destination to the receiving interface's address, so that listener binds the
+        # wildcard address; it only ever forwards what was redirected to a protected port of this host.
+        protected = cfg.protected_port_set()
+        own_ports = {_port_of(a) for a in (rt.tunnel_address, rt.admin_address, self.transparent.address) if a}
+        clash = sorted(own_ports & set(protected))
+        if clash:
+            raise ConfigError(f"--protected-port: {clash} is one of the agent's own ports; it is never protected")
+        inbound_port: int | None = None
+        if protected:
+            isock = bind("0.0.0.0", cfg.inbound_port, what="--inbound-port")  # noqa: S104 - see above
+            self.plain_handler = PlainInbound(rt, protected, transparent.original_dst)
+            self.plain = Listener(isock, self.plain_handler, name="plaintext-inbound", direction="inbound")
+            inbound_port = _port_of(self.plain.address)
         self.redirector = transparent.Redirector(
-            transparent_port=int(self.transparent.address.rsplit(":", 1)[1]), fleet_cidrs=cidrs
+            transparent_port=_port_of(self.transparent.address),
+            fleet_cidrs=cidrs,
+            protected_ports=protected,
+            inbound_port=inbound_port,
         )
         self.redirector.install()
         self.transparent.start()
+        if self.plain is not None:
+            self.plain.start()
 
     def _write_run_file(self) -> None:
         rt = self.rt
@@ -195,6 +225,7 @@ class Agent:
             "routes": {r["listen"]: r["address"] for r in reversed(routes)},
             "route_list": routes,
             "transparent": self.transparent.address if self.transparent else None,
+            "inbound": self.plain.address if self.plain else None,
         }
         ensure_private_dir(self.paths.root / "run")
         write_atomic(run_file(self.paths.root), json.dumps(data, indent=2).encode(), mode=0o600)
@@ -246,6 +277,9 @@ class Agent:
             "advertise": rt.advertise,
             "mode": rt.config.mode,
             "transparent": self.transparent.address if self.transparent else None,
+            "inbound": self.plain.address if self.plain else None,
+            "protected_ports": list(self.plain_handler.protected_ports) if self.plain_handler else [],
+            "plaintext_inbound": self.plain_handler.status() if self.plain_handler else None,
             "routes": routes,
             "services": {s.name: s.target for s in rt.config.services},
             "tunnels": {
@@ -329,7 +363,7 @@ class Agent:
     def _listeners(self) -> list[Listener]:
         with self._lock:
             out = [*self.routes.values()]
-        out.extend(lst for lst in (self.tunnel, self.transparent) if lst is not None)
+        out.extend(lst for lst in (self.tunnel, self.transparent, self.plain) if lst is not None)
         return out
 
     def _close_all(self) -> None:
@@ -377,6 +411,10 @@ def _keep(new: AgentConfig, old: AgentConfig, keys: tuple[str, ...]) -> AgentCon
     import dataclasses
 
     return dataclasses.replace(new, **{k: getattr(old, k) for k in keys})
+
+
+def _port_of(hostport: str) -> int:
+    return int(hostport.rsplit(":", 1)[1])
 
 
 def _ip_of(hostport: str) -> str:

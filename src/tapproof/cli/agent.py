@@ -7,7 +7,12 @@ from pathlib import Path
 from typing import Any
 
 from tapproof.agent import enroll as enrollment
-from tapproof.agent.config import DEFAULT_ADMIN, DEFAULT_LISTEN_TUNNEL, DEFAULT_TRANSPARENT_PORT
+from tapproof.agent.config import (
+    DEFAULT_ADMIN,
+    DEFAULT_INBOUND_PORT,
+    DEFAULT_LISTEN_TUNNEL,
+    DEFAULT_TRANSPARENT_PORT,
+)
 from tapproof.pki import certs
 
 
@@ -48,6 +53,20 @@ def register(sub: Any) -> None:
         "--transparent-port", type=int, help=f"port of the transparent listener (default {DEFAULT_TRANSPARENT_PORT})"
     )
     sp.add_argument("--fleet-cidr", action="append", default=[], metavar="CIDR", help="fleet addresses (repeatable)")
+    sp.add_argument(
+        "--protected-port",
+        action="append",
+        default=[],
+        type=int,
+        metavar="PORT",
+        help="with --transparent: also protect this local port (repeatable; --service ports always are); "
+        "inbound plaintext to it is refused (--mode strict) or forwarded and counted (permissive)",
+    )
+    sp.add_argument(
+        "--inbound-port",
+        type=int,
+        help=f"with --transparent: port of the plaintext inbound listener (default {DEFAULT_INBOUND_PORT}; 0 = any)",
+    )
     sp.add_argument("--admin", help=f"admin/metrics HOST:PORT (default {DEFAULT_ADMIN}; '' disables)")
     sp.add_argument("--renew-fraction", type=float, help="renew at this fraction of the lifetime (default 0.5)")
     sp.add_argument("--sync-interval", help="control-plane poll interval (default 5s)")
@@ -91,6 +110,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         "transparent": args.transparent,
         "transparent_port": args.transparent_port,
         "fleet_cidr": args.fleet_cidr,
+        "protected_port": args.protected_port,
+        "inbound_port": args.inbound_port,
         "admin": args.admin,
         "renew_fraction": args.renew_fraction,
         "sync_interval": args.sync_interval,
