@@ -309,3 +309,20 @@ def test_enrollment_refused_is_logged_and_counted(server: Server) -> None:
         enroll_pinned(js.servers, js.trust_domain, js.fingerprint, {"token": "B" * 43, "csr": "x"})
     assert ei.value.code == "unknown-token"
     assert 'tapproof_server_enrollments_refused_total{reason="unknown-token"}' in _metrics(server)
+
+
+def test_only_enrollment_and_bundle_are_public(server: Server, tmp_path: Path) -> None:
+    from tapproof.control.client import APIClient
+    from tapproof.tls import context
+    from tapproof.tls.credentials import TrustBundle
+
+    assert {p.pattern for m, p, auth, _h in api.ROUTES if auth == "public"} == {r"^/v1/enroll$", r"^/v1/bundle$"}
+    enroll(tmp_path / "a", server.token("bundle-reader"))
+    bundle = TrustBundle.from_pem(AgentPaths(tmp_path / "a").bundle.read_bytes())
+    anonymous = APIClient([server.address], "example.org", lambda: context.client_context(None, bundle), timeout=5)
+    assert "BEGIN CERTIFICATE" in anonymous.get("/v1/bundle")["bundle"]
+    for path in ("/v1/healthz", "/v1/openapi.json", "/v1/policy", "/v1/status"):
+        with pytest.raises(APIError) as ei:
+            anonymous.get(path)
+        assert ei.value.status == 403
+        assert ei.value.code == "no-client-certificate"

@@ -1,6 +1,6 @@
 """HTTP+JSON API routing: (method, path, peer, body) in, (status, JSON) out. No sockets.
 
-Authorization per route: ``public`` (enrollment, trust bundle, OpenAPI),
+Authorization per route: ``public`` (only enrollment and the trust bundle),
 ``host`` (an enrolled agent's certificate), ``admin`` (the admin certificate,
 ``spiffe://TD/tapproof/admin``). Errors become ``{"error": {"code", "message"}}``
 with a status from :func:`status_for`.
@@ -241,8 +241,8 @@ def h_health(cp: ControlPlane, _req: Request, _m: re.Match[str]) -> Response:
 ROUTES: list[tuple[str, re.Pattern[str], Auth, Handler]] = [
     ("POST", re.compile(r"^/v1/enroll$"), "public", h_enroll),
     ("GET", re.compile(r"^/v1/bundle$"), "public", h_bundle),
-    ("GET", re.compile(r"^/v1/openapi\.json$"), "public", h_openapi),
-    ("GET", re.compile(r"^/v1/healthz$"), "public", h_health),
+    ("GET", re.compile(r"^/v1/openapi\.json$"), "host", h_openapi),
+    ("GET", re.compile(r"^/v1/healthz$"), "host", h_health),
     ("POST", re.compile(r"^/v1/renew$"), "host", h_renew),
     ("PUT", re.compile(r"^/v1/registration$"), "host", h_register),
     ("GET", re.compile(r"^/v1/registry$"), "host", h_registry),
