@@ -9,7 +9,6 @@ __all__ = [
     "CERT_EXPIRY",
     "CONTROL_PLANE_UP",
     "HANDSHAKE_SECONDS",
-    "PLAINTEXT_ACCEPTED",
     "REFUSALS",
     "RENEWALS",
     "TUNNELS",
@@ -31,6 +30,3 @@ HANDSHAKE_SECONDS = Histogram(
 CONTROL_PLANE_UP = Gauge("tapproof_agent_control_plane_up", "1 when the last control-plane call succeeded")
 CERT_EXPIRY = Gauge("tapproof_agent_certificate_expiry_seconds", "Seconds until this agent's certificate expires")
 RENEWALS = Counter("tapproof_agent_renewals", "Certificate renewals, by result", ["result"])
-PLAINTEXT_ACCEPTED = Counter(
-    "tapproof_agent_plaintext_accepted", "Plaintext inbound connections forwarded in permissive mode", ["source"]
-)
