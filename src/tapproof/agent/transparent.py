@@ -273,6 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m tapproof.agent.transparent --repair``: for ExecStopPost; exit 0 when no rule is left."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args != ["--repair"]:
+        log.error("usage: python -m tapproof.agent.transparent --repair  (removes TAPPROOF-* iptables rules)")
         return 2
     try:
         Redirector.repair()
