@@ -15,7 +15,7 @@ the running config (the reason is logged). Listen addresses need a restart.
 Data-plane design
 -----------------
 One thread per tunnel, from accept to close: the accept loops only accept
-(:mod:`tapproof.agent.listener`); a worker does the handshake (with its own
+(:mod:`tapproof.listener`); a worker does the handshake (with its own
 deadline), the peer and policy checks and the ``CONNECT`` exchange, then runs
 :class:`tapproof.tunnel.relay.Relay` on the same thread. The relay is the fast
 path: one ``poll`` loop per tunnel driving both directions through direct
@@ -50,7 +50,7 @@ from tapproof.agent.config import AgentConfig, Route
 from tapproof.agent.credstore import CredStore
 from tapproof.agent.enroll import enroll
 from tapproof.agent.inbound import InboundHandler
-from tapproof.agent.listener import Listener, bind
+from tapproof.agent.metrics import refused
 from tapproof.agent.outbound import RouteHandler, TransparentHandler
 from tapproof.agent.plaininbound import PlainInbound
 from tapproof.agent.policycache import PolicyCache
@@ -60,6 +60,7 @@ from tapproof.agent.state import AgentPaths, load_identity
 from tapproof.agent.sync import SyncLoop
 from tapproof.errors import ConfigError, TapproofError
 from tapproof.fsutil import ensure_private_dir, write_atomic
+from tapproof.listener import Listener, bind
 from tapproof.logs import log_event
 from tapproof.units import format_hostport, parse_hostport
 
@@ -124,7 +125,7 @@ class Agent:
         rt, cfg = self.rt, self.rt.config
         host, port = parse_hostport(cfg.listen_tunnel, what="--listen-tunnel", allow_zero=True)
         tsock = bind(host, port, what="--listen-tunnel")
-        self.tunnel = Listener(tsock, InboundHandler(rt), name="tunnel", direction="inbound")
+        self.tunnel = Listener(tsock, InboundHandler(rt), name="tunnel", on_refuse=refused("inbound"))
         rt.tunnel_address = self.tunnel.address
         rt.advertise = cfg.advertise or _default_advertise(self.tunnel.address)
         try:
@@ -168,7 +169,10 @@ class Agent:
     def _route_listener(self, route: Route) -> Listener:
         sock = bind(route.listen_host, route.listen_port, what=f"--route {route}")
         return Listener(
-            sock, RouteHandler(self.rt, route), name=f"route-{route.service}@{route.host}", direction="outbound"
+            sock,
+            RouteHandler(self.rt, route),
+            name=f"route-{route.service}@{route.host}",
+            on_refuse=refused("outbound"),
         )
 
     def _start_transparent(self) -> None:
@@ -180,7 +184,7 @@ class Agent:
         # (bound to 0.0.0.0 it would be a plaintext relay that lends this host's identity to anyone).
         sock = bind("127.0.0.1", cfg.transparent_port, what="--transparent-port")
         self.transparent = Listener(
-            sock, TransparentHandler(rt, transparent.original_dst), name="transparent", direction="outbound"
+            sock, TransparentHandler(rt, transparent.original_dst), name="transparent", on_refuse=refused("outbound")
         )
         rt.mark = transparent.DEFAULT_MARK
         own = {_ip_of(rt.advertise)}
@@ -200,7 +204,7 @@ class Agent:
         if protected:
             isock = bind("0.0.0.0", cfg.inbound_port, what="--inbound-port")  # noqa: S104 - see above
             self.plain_handler = PlainInbound(rt, protected, transparent.original_dst)
-            self.plain = Listener(isock, self.plain_handler, name="plaintext-inbound", direction="inbound")
+            self.plain = Listener(isock, self.plain_handler, name="plaintext-inbound", on_refuse=refused("inbound"))
             inbound_port = _port_of(self.plain.address)
         self.redirector = transparent.Redirector(
             transparent_port=_port_of(self.transparent.address),

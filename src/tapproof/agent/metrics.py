@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import Counter, Gauge, Histogram
 
 __all__ = [
@@ -13,6 +15,7 @@ __all__ = [
     "RENEWALS",
     "TUNNELS",
     "TUNNELS_ACTIVE",
+    "refused",
 ]
 
 REFUSALS = Counter(
@@ -30,3 +33,8 @@ HANDSHAKE_SECONDS = Histogram(
 CONTROL_PLANE_UP = Gauge("tapproof_agent_control_plane_up", "1 when the last control-plane call succeeded")
 CERT_EXPIRY = Gauge("tapproof_agent_certificate_expiry_seconds", "Seconds until this agent's certificate expires")
 RENEWALS = Counter("tapproof_agent_renewals", "Certificate renewals, by result", ["result"])
+
+
+def refused(direction: str) -> Callable[[str], None]:
+    """A callback counting a listener's refusals (``too-many-connections``, ...) for ``direction``."""
+    return lambda reason: REFUSALS.labels(direction, reason).inc()

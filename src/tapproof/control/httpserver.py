@@ -1,7 +1,7 @@
 """The API server shell: TCP accept, TLS 1.3 + X25519MLKEM768 handshake with a deadline,
 peer checks, then HTTP/1.1 via h11 (keep-alive), one thread per connection (bounded).
 
-The logic is in ``control.api``/``control.service``; this module owns sockets and threads.
+The logic is in ``control.api``/``control.service``; this module owns the connections.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from tapproof import identity
 from tapproof.control import api
 from tapproof.control.service import ControlPlane
 from tapproof.errors import PeerRejected, TransportError
+from tapproof.listener import Listener
 from tapproof.logs import log_event
 from tapproof.tls.peer import check_peer
 from tapproof.tls.stream import TLSStream
@@ -39,69 +40,34 @@ MAX_HEADER_BYTES = 64 * 1024
 
 
 class APIServer:
-    """Serve the control-plane API on one listening socket until :meth:`stop`."""
+    """Serve the control-plane API on one listening socket (accept loop: :class:`tapproof.listener.Listener`)."""
 
     def __init__(self, cp: ControlPlane, ctx_factory: Callable[[], SSL.Context], sock: socket.socket):
         self.cp = cp
         self.ctx_factory = ctx_factory
-        self.sock = sock
         self._stop = threading.Event()
-        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
-        self._threads: set[threading.Thread] = set()
-        self._lock = threading.Lock()
-
-    @staticmethod
-    def bind(host: str, port: int) -> socket.socket:
-        """Create the listening socket (IPv4 or IPv6)."""
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            sock.close()
-            raise TransportError(f"--listen: cannot bind {format_hostport(host, port)}: {exc.strerror}") from exc
-        sock.listen(512)
-        return sock
+        self.listener = Listener(
+            sock,
+            self._serve_one,
+            name="api",
+            max_workers=MAX_CONNECTIONS,
+            on_refuse=lambda reason: HANDSHAKE_FAILED.labels(reason).inc(),
+        )
 
     @property
     def port(self) -> int:
         """The bound port."""
-        return int(self.sock.getsockname()[1])
+        return int(self.listener.sock.getsockname()[1])
 
-    def serve_forever(self) -> None:
-        """Accept connections until :meth:`stop`."""
-        self.sock.settimeout(0.5)
-        while not self._stop.is_set():
-            try:
-                conn, addr = self.sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                if self._stop.is_set():
-                    break
-                time.sleep(0.05)
-                continue
-            if not self._slots.acquire(blocking=False):
-                HANDSHAKE_FAILED.labels("too-many-connections").inc()
-                with contextlib.suppress(OSError):
-                    conn.close()
-                continue
-            t = threading.Thread(target=self._serve_one, args=(conn, addr), daemon=True)
-            with self._lock:
-                self._threads.add(t)
-            t.start()
+    def start(self) -> None:
+        """Start accepting (in a thread)."""
+        self.listener.start()
 
     def stop(self, grace: float = 5.0) -> None:
         """Stop accepting, wait up to ``grace`` seconds for requests in flight."""
         self._stop.set()
-        with contextlib.suppress(OSError):
-            self.sock.close()
-        deadline = time.monotonic() + grace
-        with self._lock:
-            threads = list(self._threads)
-        for t in threads:
-            t.join(max(0.0, deadline - time.monotonic()))
+        self.listener.stop()
+        self.listener.wait_idle(grace)
 
     def _serve_one(self, conn: socket.socket, addr: tuple[str, int]) -> None:
         source = format_hostport(addr[0], addr[1])
@@ -128,9 +94,6 @@ class APIServer:
                 conn.close()
         finally:
             CONNECTIONS.dec()
-            self._slots.release()
-            with self._lock:
-                self._threads.discard(threading.current_thread())
 
     def _peer(self, stream: TLSStream) -> identity.SpiffeID | None:
         if stream.conn.get_peer_certificate() is None:

@@ -21,6 +21,7 @@ from tapproof.control import config as server_config
 from tapproof.control.httpserver import APIServer
 from tapproof.control.service import ControlPlane, address_list
 from tapproof.errors import ConfigError, TransportError
+from tapproof.listener import bind
 from tapproof.logs import log_event
 from tapproof.pki import certs
 from tapproof.pki.ca import load_ca
@@ -83,13 +84,13 @@ class ServerCredentials:
         return c.renewal_due(self.cp.clock.now(), 0.5)
 
 
-def run(data_dir: Path, overrides: dict[str, Any], clock: Clock, ready: threading.Event | None = None) -> int:
+def run(data_dir: Path, overrides: dict[str, Any], clock: Clock) -> int:
     """Run the server until SIGTERM/SIGINT."""
     cfg = server_config.load(data_dir, overrides)
     store = open_store(cfg.db)
     ca = load_ca(data_dir, cfg.trust_domain)
     host, port = parse_hostport(cfg.listen, what="--listen", allow_zero=True)
-    sock = APIServer.bind(host, port)
+    sock = bind(host, port, what="--listen")
     addresses = address_list(cfg.listen, int(sock.getsockname()[1]), cfg.advertise)
     cp = ControlPlane(store, ca, cfg, clock, addresses)
     creds = ServerCredentials(cp)
@@ -106,8 +107,7 @@ def run(data_dir: Path, overrides: dict[str, Any], clock: Clock, ready: threadin
 
     def on_signal(signum: int, _frame: object) -> None:
         log_event(log, "server-stopping", signal=signal.Signals(signum).name)
-        stop.set()
-        server.stop()
+        stop.set()  # the main thread stops the server (no blocking work in a signal handler)
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, on_signal)
@@ -130,12 +130,13 @@ def run(data_dir: Path, overrides: dict[str, Any], clock: Clock, ready: threadin
         db=cfg.db.split("@")[-1],
         fingerprint=ca.root_fingerprint,
     )
-    if ready is not None:
-        ready.set()
+    server.start()
     try:
-        server.serve_forever()
+        while not stop.wait(0.5):
+            pass
     finally:
         stop.set()
+        server.stop()
         store.close()
         with contextlib.suppress(OSError):
             admin.run_file(data_dir).unlink()

@@ -3,7 +3,8 @@
 The accept loop only accepts: handshakes, preambles and relays run in the
 worker (one thread per connection; the relay's C calls release the GIL). A
 bounded number of workers caps memory under a connection flood: past it, a
-new connection is closed at once and counted (reason ``too-many-connections``).
+new connection is closed at once and reported (reason ``too-many-connections``).
+Used by the agent's listeners and the control plane's API server.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import socket
 import threading
 from collections.abc import Callable
 
-from tapproof.agent.metrics import REFUSALS
 from tapproof.errors import TransportError
 from tapproof.logs import log_event
 from tapproof.units import format_hostport
@@ -27,6 +27,7 @@ MAX_WORKERS = 4096
 """Concurrent connections (handshaking or relaying) per listener."""
 
 Handler = Callable[[socket.socket, tuple[str, int]], None]
+OnRefuse = Callable[[str], None]
 
 
 def bind(host: str, port: int, *, what: str, backlog: int = 1024) -> socket.socket:
@@ -46,12 +47,22 @@ def bind(host: str, port: int, *, what: str, backlog: int = 1024) -> socket.sock
 class Listener:
     """Accept on ``sock`` and run ``handler(conn, addr)`` in a thread per connection."""
 
-    def __init__(self, sock: socket.socket, handler: Handler, *, name: str, direction: str) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        handler: Handler,
+        *,
+        name: str,
+        on_refuse: OnRefuse | None = None,
+        max_workers: int = MAX_WORKERS,
+    ) -> None:
         self.sock = sock
         self.handler = handler
         self.name = name
-        self.direction = direction
-        self._slots = threading.BoundedSemaphore(MAX_WORKERS)
+        self.on_refuse = on_refuse or (lambda _reason: None)
+        self._slots = threading.BoundedSemaphore(max_workers)
+        self._active = 0
+        self._idle = threading.Condition()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"accept-{name}", daemon=True)
         host, port = sock.getsockname()[:2]
@@ -81,7 +92,7 @@ class Listener:
                 self._stop.wait(0.05)
                 continue
             if not self._slots.acquire(blocking=False):
-                REFUSALS.labels(self.direction, "too-many-connections").inc()
+                self.on_refuse("too-many-connections")
                 with contextlib.suppress(OSError):
                     conn.close()
                 continue
@@ -91,11 +102,13 @@ class Listener:
                 t.start()
             except RuntimeError:  # cannot start a thread: refuse this one
                 self._slots.release()
-                REFUSALS.labels(self.direction, "no-worker").inc()
+                self.on_refuse("no-worker")
                 with contextlib.suppress(OSError):
                     conn.close()
 
     def _run(self, conn: socket.socket, addr: tuple[str, int]) -> None:
+        with self._idle:
+            self._active += 1
         try:
             self.handler(conn, addr)
         except Exception:  # a bug in a handler must not kill the agent; the handler closed what it owns
@@ -104,6 +117,14 @@ class Listener:
                 conn.close()
         finally:
             self._slots.release()
+            with self._idle:
+                self._active -= 1
+                self._idle.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for running handlers to finish; True if none is left."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._active == 0, timeout)
 
     def stop(self) -> None:
         """Stop accepting and close the listening socket (live connections continue)."""
