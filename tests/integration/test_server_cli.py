@@ -326,3 +326,47 @@ def test_only_enrollment_and_bundle_are_public(server: Server, tmp_path: Path) -
             anonymous.get(path)
         assert ei.value.status == 403
         assert ei.value.code == "no-client-certificate"
+
+
+def test_keepalive_connection_is_cut_after_revocation(server: Server, tmp_path: Path) -> None:
+    """The peer is re-checked before every request, not only at the handshake."""
+    import h11
+
+    from tapproof.agent.state import load_bundle, load_credentials
+    from tapproof.tls import context
+    from tapproof.tls.stream import connect
+
+    paths = AgentPaths(tmp_path / "a")
+    enroll(paths.root, server.token("keepalive"))
+    ctx = context.client_context(load_credentials(paths), load_bundle(paths))
+    stream = connect(parse_hostport(server.address), ctx, timeout=5)
+    h = h11.Connection(h11.CLIENT)
+
+    def get() -> int | None:
+        deadline = time.monotonic() + 5
+        stream.sendall(h.send(h11.Request(method="GET", target="/v1/revocations", headers=[("Host", "x")])), deadline)
+        stream.sendall(h.send(h11.EndOfMessage()), deadline)
+        status = None
+        while True:
+            ev = h.next_event()
+            if ev is h11.NEED_DATA:
+                try:
+                    h.receive_data(stream.recv(65536, deadline))
+                except TransportError:
+                    return None
+                continue
+            if isinstance(ev, h11.Response):
+                status = ev.status_code
+            if isinstance(ev, h11.EndOfMessage | h11.ConnectionClosed):
+                return status
+
+    try:
+        assert get() == 200
+        h.start_next_cycle()
+        res = tapproof("server", "revoke", "--data-dir", str(server.data_dir), "--host", "keepalive")
+        assert res.returncode == 0, res.stderr
+        time.sleep(2.5)  # past the server's 2 s revocation cache
+        assert get() is None  # the same connection is refused before the request runs
+        assert "peer-refused-mid-connection" in server.log()
+    finally:
+        stream.abort()

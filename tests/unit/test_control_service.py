@@ -168,3 +168,12 @@ def test_create_token_validation(cp: ControlPlane) -> None:
         cp.create_token("Bad Name", dt.timedelta(minutes=5), "admin")
     with pytest.raises(ConfigError):
         cp.create_token("ok", dt.timedelta(days=30), "admin")
+
+
+def test_revoked_serial_cannot_renew_itself(cp: ControlPlane) -> None:
+    _, issued = _enroll(cp)
+    peer = identity.host_id("example.org", "web-1")
+    cp.revoke_serial(issued.serial, "stolen key", "admin")
+    with pytest.raises(PeerRejected) as ei:
+        cp.renew(peer, csr.build(keys.generate(), peer).decode(), issued.serial)
+    assert ei.value.reason is PeerReason.REVOKED

@@ -56,6 +56,7 @@ class Request:
     peer: identity.SpiffeID | None
     source: str
     if_none_match: str = ""
+    peer_serial: str = ""  # serial (hex) of the certificate the peer presented
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,7 +134,7 @@ def h_enroll(cp: ControlPlane, req: Request, _m: re.Match[str]) -> Response:
 
 def h_renew(cp: ControlPlane, req: Request, _m: re.Match[str]) -> Response:
     assert req.peer is not None  # noqa: S101 - guaranteed by the route's auth
-    return _issued(cp, cp.renew(req.peer, _str(_json(req), "csr")))
+    return _issued(cp, cp.renew(req.peer, _str(_json(req), "csr"), req.peer_serial))
 
 
 def h_bundle(cp: ControlPlane, _req: Request, _m: re.Match[str]) -> Response:

@@ -22,9 +22,10 @@ from prometheus_client import Counter, Gauge
 from tapproof import identity
 from tapproof.control import api
 from tapproof.control.service import ControlPlane
-from tapproof.errors import PeerRejected, TransportError
+from tapproof.errors import PeerRejected, StoreError, TransportError
 from tapproof.listener import Listener
 from tapproof.logs import log_event
+from tapproof.pki import certs
 from tapproof.tls.peer import check_peer
 from tapproof.tls.stream import TLSStream
 from tapproof.units import format_hostport
@@ -78,13 +79,8 @@ class APIServer:
             try:
                 stream.handshake(time.monotonic() + HANDSHAKE_TIMEOUT)
                 peer = self._peer(stream)
-            except (PeerRejected, TransportError) as exc:
-                reason = exc.reason.value if isinstance(exc, PeerRejected) else "transport"
-                HANDSHAKE_FAILED.labels(reason).inc()
-                log_event(
-                    log, "handshake-refused", level=logging.WARNING, reason=reason, source=source, detail=str(exc)
-                )
-                stream.abort()
+            except (PeerRejected, TransportError, StoreError) as exc:
+                self._refuse(stream, source, exc, "handshake-refused")
                 return
             self._http(stream, peer, source)
             stream.close()
@@ -95,7 +91,25 @@ class APIServer:
         finally:
             CONNECTIONS.dec()
 
+    @staticmethod
+    def _refuse(stream: TLSStream, source: str, exc: Exception, event: str) -> None:
+        """Log and count a refused peer, then abort the connection."""
+        if isinstance(exc, PeerRejected):
+            reason = exc.reason.value
+        elif isinstance(exc, StoreError):
+            reason = "revocations-unavailable"  # cannot check revocations: fail closed
+        else:
+            reason = "transport"
+        HANDSHAKE_FAILED.labels(reason).inc()
+        log_event(log, event, level=logging.WARNING, reason=reason, source=source, detail=str(exc))
+        stream.abort()
+
     def _peer(self, stream: TLSStream) -> identity.SpiffeID | None:
+        """The verified peer identity (None: no certificate), checked against revocations and the clock.
+
+        Run at the handshake and again before every request on the connection, so a
+        keep-alive connection does not outlive a revocation or the certificate's expiry.
+        """
         if stream.conn.get_peer_certificate() is None:
             return None  # allowed by the TLS context only for public routes
         return check_peer(
@@ -120,6 +134,12 @@ class APIServer:
                 return
             if req is None:
                 return
+            if peer is not None:
+                try:
+                    self._peer(stream)
+                except (PeerRejected, StoreError) as exc:
+                    self._refuse(stream, source, exc, "peer-refused-mid-connection")
+                    return
             resp = api.handle(self.cp, req)
             try:
                 self._send(h, stream, resp)
@@ -165,7 +185,9 @@ class APIServer:
                 raise h11.RemoteProtocolError("unexpected event", error_status_hint=400)
         url = urllib.parse.urlsplit(event.target.decode("ascii", "replace"))
         query = dict(urllib.parse.parse_qsl(url.query))
+        leaf = stream.conn.get_peer_certificate(as_cryptography=True) if peer is not None else None
         return api.Request(
+            peer_serial=certs.serial_hex(leaf) if leaf is not None else "",
             method=event.method.decode("ascii", "replace"),
             path=url.path,
             query=query,

@@ -151,10 +151,16 @@ class ControlPlane:
             serial=certs.serial_hex(chain[0]),
         )
 
-    def renew(self, peer: identity.SpiffeID, csr_pem: str) -> Issued:
-        """Issue a new certificate (new key) for an authenticated host."""
+    def renew(self, peer: identity.SpiffeID, csr_pem: str, serial: str = "") -> Issued:
+        """Issue a new certificate (new key) for an authenticated host.
+
+        ``serial`` is the certificate the peer presented: a revoked one cannot
+        renew itself into a fresh one (checked against the store, not a cache).
+        """
         if peer.kind is not identity.Kind.HOST:
             raise PeerRejected(PeerReason.WRONG_IDENTITY, f"{peer} cannot renew (hosts only)")
+        if serial and serial in self.revoked_serials(max_age=0):
+            raise PeerRejected(PeerReason.REVOKED, f"certificate {serial} of {peer} is revoked")
         try:
             host = self.store.get_host(peer.name)
         except NotFound as exc:
