@@ -72,3 +72,42 @@ def test_clean_agent_exit_removes_the_rules(fleet: Fleet) -> None:
     assert "TAPPROOF-OUTPUT" in web.run(["iptables", "-w", "5", "-t", "nat", "-S"]).stdout
     fleet.site(web).stop_all()  # SIGTERM: drain, remove rules, exit 0
     assert web.run(["iptables", "-w", "5", "-t", "nat", "-S"]).stdout == before
+
+
+_PROBE = """
+import sys, time
+from pathlib import Path
+from tapproof.agent.state import AgentPaths, load_bundle, load_credentials
+from tapproof.agent.transparent import DEFAULT_MARK
+from tapproof.tls import context
+from tapproof.tls.stream import connect
+from tapproof.tunnel.preamble import ClientPreamble
+paths = AgentPaths(Path(sys.argv[1]))
+ctx = context.client_context(load_credentials(paths), load_bundle(paths))
+for target in sys.argv[3:]:
+    s = connect((sys.argv[2], 7444), ctx, timeout=10, mark=DEFAULT_MARK)  # bypass web's own redirect
+    cp = ClientPreamble(target)
+    s.sendall(cp.request(), time.monotonic() + 10)
+    resp = None
+    while resp is None:
+        data = s.recv(4096, time.monotonic() + 10)
+        resp = cp.feed(data) if data else None
+        if not data:
+            break
+    print(target, resp.status if resp else "closed")
+    s.abort()
+"""
+
+
+def test_address_targets_reach_only_fronted_ports_never_loopback(fleet: Fleet, tmp_path: Path) -> None:
+    """An enrolled peer cannot use a transparent agent to reach loopback-only or unfronted ports."""
+    import sys
+
+    _cp, web, db = fleet.lab.hosts
+    fleet.start_agent(db, "db", "--service", "customers=127.0.0.1:8080", "--transparent")
+    fleet.start_agent(web, "web", "--transparent", "--transparent-port", "7447")
+    targets = [f"{db.address}:8080", "127.0.0.1:8080", f"{db.address}:22", f"{db.address}:7445"]
+    res = web.run([sys.executable, "-c", _PROBE, str(tmp_path / "agent-web"), db.address, *targets])
+    assert res.returncode == 0, res.stderr
+    status = dict(line.split() for line in res.stdout.splitlines())
+    assert status == {targets[0]: "200", targets[1]: "403", targets[2]: "403", targets[3]: "403"}, status

@@ -190,6 +190,13 @@ class InboundHandler:
             if not is_own_address(target.host) or port in self._own_ports():
                 refuse(403, "not-own-address")
                 return
+            if ipaddress.ip_address(target.host).is_loopback:
+                refuse(403, "loopback-target")  # what listens on loopback only was never reachable from the network
+                return
+            if port not in cfg.protected_port_set():
+                # only ports this agent fronts (--service, --protected-port): never an arbitrary local port
+                refuse(403, "port-not-protected")
+                return
         decision = rt.policy.decide(peer, name, port)
         if not decision.allowed:
             refuse(403, "policy-denied", rule=decision.rule_id, policy_reason=decision.reason)
