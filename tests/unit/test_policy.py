@@ -69,3 +69,11 @@ def test_bad_ports(bad: str) -> None:
 def test_bad_service() -> None:
     with pytest.raises(ConfigError):
         parse_service("Redis!")
+
+
+def test_port_scoped_rules_never_match_connections_without_a_port() -> None:
+    """``allow host/web-1 -> * --ports 22`` must not open every named service to web-1."""
+    rules = [r("allow", "host/web-1", "*", "22"), r("deny", "host/batch-*", "*", "22", rid=2)]
+    assert not evaluate(rules, WEB, "redis", None, default="deny").allowed
+    assert evaluate(rules, BATCH, "redis", None).allowed  # the port-22 deny is not about redis by name
+    assert evaluate(rules, WEB, "port-22", 22, default="deny").allowed

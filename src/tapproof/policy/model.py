@@ -6,8 +6,9 @@ A rule: ``allow|deny SOURCE -> SERVICE [ports]``.
   ``**`` or a lone ``*`` matches anything. Short forms: ``host/web-*`` means
   ``spiffe://TD/host/web-*``; ``*`` means every identity of the trust domain.
 * ``SERVICE`` is a service-name pattern (``redis``, ``db-*``, ``*``).
-* ``ports``: ``""`` (any), or ``6379`` / ``7000-7010`` / comma lists; they
-  apply to transparent-mode connections that target a port.
+* ``ports``: ``""`` (any), or ``6379`` / ``7000-7010`` / comma lists. A rule
+  with ports is only about transparent-mode connections (``CONNECT ip:port``);
+  it never matches a route's connection to a service by name.
 
 Evaluation, in this order (after Istio's authorization model):
 
@@ -51,8 +52,8 @@ class Rule:
         """True if the rule is about ``service`` (and ``port``)."""
         if not _glob(self.service, service, segmented=False):
             return False
-        if self.ports and port is not None:
-            return any(lo <= port <= hi for lo, hi in self.ports)
+        if self.ports:  # a port-scoped rule is only about connections that target a port
+            return port is not None and any(lo <= port <= hi for lo, hi in self.ports)
         return True
 
     def matches_source(self, source: SpiffeID) -> bool:
