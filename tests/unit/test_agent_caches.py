@@ -70,3 +70,19 @@ def test_renewal_due_counts_from_issuance_not_the_backdate() -> None:
     assert not creds.renewal_due(now + dt.timedelta(seconds=5), 0.5)
     assert not creds.renewal_due(now + dt.timedelta(seconds=28), 0.5)
     assert creds.renewal_due(now + dt.timedelta(seconds=31), 0.5)
+
+
+def test_half_corrupt_policy_cache_loads_nothing(tmp_path: Path) -> None:
+    """A cache whose revocations do not parse must not yield its policy without them."""
+    import json
+
+    path = tmp_path / "policy.json"
+    cache = PolicyCache(path)
+    cache.set_policy(parse_policy(POLICY, '"3-allow"'))
+    cache.set_revocations({"serials": ["ab01"], "hosts": []})
+    data = json.loads(path.read_text())
+    data["revocations"] = {"serials": ["ab01"]}  # "hosts" lost
+    path.write_text(json.dumps(data))
+    again = PolicyCache(path)
+    assert again.policy is None
+    assert not again.decide(host_id("td", "good"), "redis", None).allowed  # fails closed: no-policy-yet

@@ -314,6 +314,8 @@ class Agent:
             return False
         old = self.rt.config
         ignored = [k for k in _RESTART_ONLY if getattr(new, k) != getattr(old, k)]
+        if new.transparent and new.protected_port_set() != old.protected_port_set():
+            ignored.append("service ports (protected by transparent mode)")  # the redirect rules are fixed at start
         if ignored:
             log_event(log, "config-reload-needs-restart", level=logging.WARNING, settings=ignored)
             new = _keep(new, old, _RESTART_ONLY)

@@ -70,10 +70,12 @@ class PolicyCache:
     def _load(self) -> None:
         try:
             data = json.loads(self.path.read_text())
-            self.policy = parse_policy(data["policy"], str(data["policy"].get("etag", "")))
-            self.revoked_serials = frozenset(str(s).lower() for s in data["revocations"]["serials"])
-            self.revoked_hosts = frozenset(str(h) for h in data["revocations"]["hosts"])
-            log_event(log, "policy-cache-loaded", version=self.policy.version, path=str(self.path))
+            # parse everything first: a half-read cache must not give a policy without its revocations
+            policy = parse_policy(data["policy"], str(data["policy"].get("etag", "")))
+            serials = frozenset(str(s).lower() for s in data["revocations"]["serials"])
+            hosts = frozenset(str(h) for h in data["revocations"]["hosts"])
+            self.policy, self.revoked_serials, self.revoked_hosts = policy, serials, hosts
+            log_event(log, "policy-cache-loaded", version=policy.version, path=str(self.path))
         except FileNotFoundError:
             return
         except (OSError, ValueError, KeyError, TypeError, ConfigError) as exc:

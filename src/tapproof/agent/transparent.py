@@ -252,7 +252,12 @@ class Redirector:
         for tool in _tools(self.families()):
             _remove_all(tool)
         self.installed = False
-        log.info("transparent-rules-removed", extra={"event": "transparent-rules-removed"})
+        # Without the rules, applications on this host reach fleet addresses directly, in plaintext,
+        # and inbound plaintext to protected ports is no longer refused: say so loudly.
+        log.warning(
+            "transparent-rules-removed: traffic to fleet addresses is no longer tunnelled",
+            extra={"event": "transparent-rules-removed"},
+        )
 
     @classmethod
     def repair(cls) -> bool:

@@ -310,7 +310,9 @@ def handle(cp: ControlPlane, req: Request) -> Response:
                 source=req.source,
                 detail=str(exc),
             )
-            resp = Response(status, {"error": {"code": code, "message": str(exc)}})
+            # 5xx details (database errors, paths) stay in the log; the peer gets the code only
+            message = str(exc) if status < 500 else "the control plane cannot serve this now; see its log"
+            resp = Response(status, {"error": {"code": code, "message": message}})
         except Exception:
             log.exception("api-internal-error", extra={"event": "api-internal-error", "path": req.path})
             resp = Response(500, {"error": {"code": "internal", "message": "internal error (see server log)"}})

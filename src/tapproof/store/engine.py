@@ -55,7 +55,8 @@ def parse_url(url: str) -> URL:
     try:
         parsed = make_url(url)
     except sa.exc.ArgumentError as exc:
-        raise ConfigError(f"--db: not a database url: {exc}") from exc
+        # not the parser's text: it repeats the URL, password included
+        raise ConfigError("--db: not a database url (expected sqlite:///PATH or postgresql://...)") from exc
     backend, _, driver = parsed.drivername.partition("+")
     if backend in ("postgresql", "postgres"):
         if driver not in ("", "psycopg"):
