@@ -34,10 +34,3 @@ class SystemClock:
     def monotonic(self) -> float:
         """Return :func:`time.monotonic`."""
         return time.monotonic()
-
-
-def utc(ts: dt.datetime) -> dt.datetime:
-    """Return ``ts`` as an aware UTC datetime (naive values are taken as UTC)."""
-    if ts.tzinfo is None:
-        return ts.replace(tzinfo=dt.UTC)
-    return ts.astimezone(dt.UTC)

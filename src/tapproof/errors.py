@@ -4,21 +4,26 @@
 
     TapproofError
     ├── ConfigError                bad flag, config key, data dir or join string
-    │   └── JoinStringError        malformed, tampered or unsupported join string
+    │   ├── JoinStringError        malformed, tampered or unsupported join string
+    │   ├── InvalidSpiffeID        (identity.py) not an exact SPIFFE ID
+    │   └── AuditInputError        (audit/errors.py) unreadable or corrupt capture
     ├── PKIError                   CA, CSR and certificate problems
     │   ├── CSRRejected            a CSR we refuse to sign (reason: CSRReason)
     │   └── PeerRejected           a peer certificate or handshake we refuse (reason: PeerReason)
-    ├── PolicyDenied               a policy rule (or the default) denies the connection
     ├── ProtocolError              bytes that break a protocol
     │   ├── LocalProtocolError     we broke it (a bug on our side)
     │   └── RemoteProtocolError    the peer broke it
+    │       └── TLSParseError      (audit/errors.py) bytes the auditor's TLS parser refuses
     ├── TransportError             connect/handshake/IO failures, timeouts
     │   └── HandshakeTimeout
     ├── APIError                   the control plane answered with an error (status, code)
     ├── EnrollmentRefused          a join token unknown, expired, used, or for a revoked host
+    ├── TransparentError           (agent/transparent.py) iptables rules could not be changed
+    ├── DemoError                  (demo/orchestrate.py) a demo step failed
+    ├── NetnsError                 (testing/netns.py) a test namespace could not be set up
     └── StoreError                 storage problems
         ├── NotFound
-        ├── Conflict               a uniqueness or state conflict (e.g. a token already used)
+        ├── Conflict               a uniqueness conflict (e.g. a duplicate serial or token hash)
         ├── SchemaMismatch         the database schema is newer/older than this code knows
         └── StoreUnavailable       the database cannot be reached right now
 
@@ -55,7 +60,6 @@ class CSRReason(enum.Enum):
     BAD_SIGNATURE = "bad-signature"
     WEAK_KEY = "weak-key"
     IDENTITY_MISMATCH = "identity-mismatch"
-    UNSUPPORTED_EXTENSION = "unsupported-extension"
 
 
 class CSRRejected(PKIError):
@@ -95,10 +99,6 @@ class PeerRejected(PKIError):
         super().__init__(f"peer rejected ({reason.value}): {detail}")
         self.reason = reason
         self.detail = detail
-
-
-class PolicyDenied(TapproofError):
-    """The policy denies a source identity access to a service."""
 
 
 class ProtocolError(TapproofError):

@@ -36,9 +36,7 @@ def format_duration(delta: dt.timedelta) -> str:
     return sign + ("".join(parts[:2]) or "0s")
 
 
-def parse_hostport(
-    text: str, *, what: str = "address", default_port: int | None = None, allow_zero: bool = False
-) -> tuple[str, int]:
+def parse_hostport(text: str, *, what: str = "address", allow_zero: bool = False) -> tuple[str, int]:
     """Parse ``HOST:PORT`` or ``[V6]:PORT``; raise :class:`ConfigError` naming ``what``.
 
     ``allow_zero`` admits port 0 (listen addresses: the kernel picks a free port).
@@ -67,9 +65,7 @@ def parse_hostport(
     if not host:
         raise ConfigError(f"{what}: {text!r} has no host")
     if port_s is None:
-        if default_port is None:
-            raise ConfigError(f"{what}: {text!r} has no port (HOST:PORT)")
-        return host, default_port
+        raise ConfigError(f"{what}: {text!r} has no port (HOST:PORT)")
     lowest = 0 if allow_zero else 1
     if not port_s.isdigit() or not lowest <= int(port_s) < 65536:
         raise ConfigError(f"{what}: {port_s!r} is not a port number (1-65535)")

@@ -23,7 +23,7 @@ path: one ``poll`` loop per tunnel driving both directions through direct
 per-byte Python work; cffi and the socket module release the GIL, so tunnels
 on different threads use both cores. Its docstring has the measurements
 (``bench/relay_speed.py``: ~5.7 Gbit/s both directions summed over one
-connection on this project's 2 noisy vCPUs, ~90% of a plaintext Python relay,
+connection on this project's 2 noisy vCPUs, ~92% of a plaintext Python relay,
 1.7x a two-threads-per-tunnel design). Per-connection setup is kept cheap:
 TLS contexts are built once per credential/bundle generation
 (:mod:`tapproof.agent.credstore`), so a tunnel costs one full mutual
@@ -301,10 +301,6 @@ class Agent:
         }
 
     # --- reload -----------------------------------------------------------------------
-    def request_reload(self) -> None:
-        """Ask the main loop to reload the config file (safe from a signal handler)."""
-        self._reload.set()
-
     def reload(self) -> bool:
         """Re-read the config; apply routes, services, mode and intervals. False (old kept) if invalid."""
         try:

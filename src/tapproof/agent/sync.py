@@ -22,7 +22,6 @@ loop fills.
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import threading
 import time
@@ -211,8 +210,3 @@ class SyncLoop:
                     seconds_left=int(left),
                     hint="renewal keeps failing: check the control plane",
                 )
-
-
-def expires_in(rt: Runtime) -> dt.timedelta:
-    """Time left on the current certificate."""
-    return rt.creds.current.not_after - rt.now()

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from tapproof import __version__, logs
-from tapproof.errors import ConfigError, TapproofError
+from tapproof.errors import APIError, ConfigError, TapproofError
 
 # Each module has ``register(subparsers)`` that adds its parser and sets ``func``.
 _COMMANDS = ("server", "agent", "audit", "demo")
@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     parser.add_argument(
         "--log-level",
-        default="info",
+        default=None,
         choices=["debug", "info", "warning", "error"],
         help="log level (stderr, JSON lines; default: info for daemons, warning otherwise)",
     )
@@ -64,6 +64,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             logging.getLogger("tapproof").exception("config error")
         print(f"tapproof: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except APIError as exc:
+        if args.debug:
+            logging.getLogger("tapproof").exception("api error")
+        print(f"tapproof: error: {exc}", file=sys.stderr)
+        # the server validated the input (--ttl, --from, ...) and refused it: bad input, like a local ConfigError
+        return EXIT_BAD_INPUT if exc.status == 400 else EXIT_FAIL
     except TapproofError as exc:
         if args.debug:
             logging.getLogger("tapproof").exception("error")

@@ -66,7 +66,7 @@ def register(sub: Any) -> None:
         dest="policy_command", required=True
     )
     for action in ("allow", "deny"):
-        sp = pp.add_parser(action, help=f"add an {action} rule")
+        sp = pp.add_parser(action, help=f"add a rule that {action}s")
         dd(sp)
         sp.add_argument("--from", dest="source", required=True, help="identity pattern: host/web-*, *, spiffe://...")
         sp.add_argument("--to", dest="service", required=True, help="service name or pattern: redis, db-*, *")
@@ -105,10 +105,6 @@ def register(sub: Any) -> None:
     sp.add_argument("--since", type=int, default=0)
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_audit_log)
-
-
-def _err() -> Console:
-    return Console(stderr=True, highlight=False)
 
 
 def cmd_init(args: argparse.Namespace) -> int:

@@ -1,7 +1,8 @@
 """pyOpenSSL contexts: TLS 1.3 only, X25519MLKEM768 only, mutual authentication.
 
-Nothing here can be made weaker by a caller except through the explicit,
-loudly named ``unsafe_classical_groups`` switch. pyOpenSSL has no
+Nothing here can be made weaker by a caller: there is no classical-only
+switch (DESIGN allows one only as an explicit, logged setting; none is
+needed yet). pyOpenSSL has no
 ``set_groups``, so the group list goes through its cffi binding of
 ``SSL_CTX_set1_curves_list``.
 """
@@ -20,27 +21,17 @@ from tapproof.tls.credentials import Credentials, TrustBundle
 log = logging.getLogger(__name__)
 
 PQ_GROUP = "X25519MLKEM768"
-PQ_GROUP_CODE = 0x11EC
-# Fallback groups only for the explicit, logged ``unsafe_classical_groups`` setting.
-_CLASSICAL_GROUPS = b"X25519MLKEM768:X25519:P-256"
 CIPHERSUITES = b"TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256:TLS_AES_128_GCM_SHA256"
 
 VerifyHook = Callable[[int, int, bool], None]  # (openssl errno, depth, ok) for logging
 
 
-def _base(unsafe_classical_groups: bool) -> SSL.Context:
+def _base() -> SSL.Context:
     ctx = SSL.Context(SSL.TLS_METHOD)
     ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
     ctx.set_max_proto_version(SSL.TLS1_3_VERSION)
     ctx.set_tls13_ciphersuites(CIPHERSUITES)
-    groups = _CLASSICAL_GROUPS if unsafe_classical_groups else PQ_GROUP.encode()
-    if unsafe_classical_groups:
-        log.warning(
-            "unsafe-classical-groups is ON: links may use classical key exchange, "
-            "readable by a future quantum computer",
-            extra={"event": "unsafe-classical-groups"},
-        )
-    if _lib.SSL_CTX_set1_curves_list(ctx._context, groups) != 1:
+    if _lib.SSL_CTX_set1_curves_list(ctx._context, PQ_GROUP.encode()) != 1:
         raise PKIError(f"this OpenSSL does not support {PQ_GROUP}: install cryptography >= 50 (OpenSSL >= 3.5)")
     # No session tickets / resumption: every connection runs a full (EC)DHE+ML-KEM
     # exchange and presents certificates, so every peer is checked on every connection.
@@ -79,12 +70,11 @@ def server_context(
     bundle: TrustBundle,
     *,
     require_client_cert: bool = True,
-    unsafe_classical_groups: bool = False,
     hook: VerifyHook | None = None,
 ) -> SSL.Context:
     """A server context. With ``require_client_cert=False`` a client MAY come without a
     certificate (enrollment); one that presents a certificate must still verify."""
-    ctx = _base(unsafe_classical_groups)
+    ctx = _base()
     _use_credentials(ctx, creds)
     _trust(ctx, bundle, require_peer_cert=require_client_cert, hook=hook)
     return ctx
@@ -94,11 +84,10 @@ def client_context(
     creds: Credentials | None,
     bundle: TrustBundle,
     *,
-    unsafe_classical_groups: bool = False,
     hook: VerifyHook | None = None,
 ) -> SSL.Context:
     """A client context that verifies the server against ``bundle`` (and presents ``creds``)."""
-    ctx = _base(unsafe_classical_groups)
+    ctx = _base()
     if creds is not None:
         _use_credentials(ctx, creds)
     _trust(ctx, bundle, require_peer_cert=True, hook=hook)
@@ -109,7 +98,7 @@ def pinning_client_context() -> SSL.Context:
     """A client context for enrollment bootstrap ONLY: the chain is checked after the
     handshake against the root fingerprint from the join string (see ``tls.pinning``),
     before a single byte is sent. Never use it without that check."""
-    ctx = _base(False)
+    ctx = _base()
 
     def defer(_c: SSL.Connection, _x: crypto.X509, _e: int, _d: int, _ok: int) -> bool:
         return True  # the pinned-root check in tls.pinning.verify_pinned runs right after

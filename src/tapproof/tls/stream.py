@@ -41,11 +41,9 @@ class TLSStream:
         sock.setblocking(False)
 
     @classmethod
-    def client(cls, ctx: SSL.Context, sock: socket.socket, server_name: str | None = None) -> TLSStream:
-        """Wrap a connected socket as the TLS client side."""
+    def client(cls, ctx: SSL.Context, sock: socket.socket) -> TLSStream:
+        """Wrap a connected socket as the TLS client side (no SNI: peers are checked by SPIFFE ID)."""
         conn = SSL.Connection(ctx, sock)
-        if server_name:
-            conn.set_tlsext_host_name(server_name.encode("idna"))
         conn.set_connect_state()
         return cls(conn, sock)
 
@@ -74,7 +72,7 @@ class TLSStream:
 
     def require_pq(self) -> None:
         """Fail closed unless TLS 1.3 with X25519MLKEM768 was negotiated (belt and braces:
-        the context offers nothing else unless explicitly made unsafe)."""
+        the contexts offer nothing else)."""
         version = self.conn.get_protocol_version_name()
         if version != "TLSv1.3":
             raise PeerRejected(PeerReason.NOT_TLS13, f"negotiated {version}")
@@ -162,7 +160,6 @@ def connect(
     ctx: SSL.Context,
     *,
     timeout: float = 10.0,
-    server_name: str | None = None,
     mark: int | None = None,
 ) -> TLSStream:
     """Connect TCP + TLS to ``address`` within ``timeout`` seconds (PQ group enforced).
@@ -186,7 +183,7 @@ def connect(
     except OSError as exc:
         sock.close()
         raise TransportError(f"cannot connect to {where}: {exc.strerror or exc}") from exc
-    stream = TLSStream.client(ctx, sock, server_name)
+    stream = TLSStream.client(ctx, sock)
     try:
         stream.handshake(deadline)
     except BaseException:

@@ -43,7 +43,7 @@ third, all on the same 2 cores; Gbit/s of both directions summed, median and
     2 threads + lock, cffi          3.46 (3.37-4.11)  4.53 (4.31-4.54)
     ==============================  ================  ================
 
-The chosen design reaches ~90% of the plaintext relay with one connection
+The chosen design reaches ~92% of the plaintext relay with one connection
 and is 1.7x the two-thread design there, 2x the same loop through
 pyOpenSSL's API. With 4 connections every design is CPU-bound on the two
 cores shared by three processes (TLS adds AES-GCM plus one extra record
