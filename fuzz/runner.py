@@ -43,6 +43,23 @@ def run(
     crash_dir: Path | None = None,
 ) -> int:
     """Run ``target`` on random and mutated inputs for at most ``seconds``/``runs``; return the count."""
+    try:
+        return _loop(target, seeds, seconds=seconds, runs=runs, seed=seed, crash_dir=crash_dir)
+    finally:
+        close = getattr(target, "close", None)  # targets that own resources (temp dirs, stores)
+        if callable(close):
+            close()
+
+
+def _loop(
+    target: Callable[[bytes], None],
+    seeds: Sequence[bytes],
+    *,
+    seconds: float,
+    runs: int,
+    seed: int,
+    crash_dir: Path | None,
+) -> int:
     rng = random.Random(seed)  # noqa: S311 - fuzz inputs, not secrets
     deadline = time.monotonic() + seconds
     done = 0

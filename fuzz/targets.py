@@ -30,28 +30,44 @@ PREAMBLE_SEEDS = [
     b"CONNECT 10.0.0.1:6379 HTTP/1.1\r\nHost: 10.0.0.1:6379\r\nTapproof-Source: 10.0.0.2:5000\r\n\r\nx",
     b"HTTP/1.1 200 OK\r\n\r\n",
 ]
-API_SEEDS = [
-    json.dumps(b).encode()
-    for b in (
-        {"host": "web-1", "ttl": "15m"},
-        {"action": "allow", "source": "host/web-*", "service": "redis", "ports": "6379"},
-        {"token": "A" * 43, "csr": "-----BEGIN CERTIFICATE REQUEST-----\n"},
-        {"host": "x", "reason": "r"},
-        {"default": "deny"},
-        {"advertise": "127.0.0.1:7444", "services": {"redis": ""}},
-    )
+_API_SEED_BODIES = [
+    ("POST", "/v1/tokens", {"host": "web-1", "ttl": "15m"}),
+    ("POST", "/v1/policy/rules", {"action": "allow", "source": "host/web-*", "service": "redis", "ports": "6379"}),
+    ("POST", "/v1/enroll", {"token": "A" * 43, "csr": "-----BEGIN CERTIFICATE REQUEST-----\n"}),
+    ("POST", "/v1/revoke", {"host": "x", "reason": "r"}),
+    ("PUT", "/v1/policy/default", {"default": "deny"}),
+    ("PUT", "/v1/registration", {"advertise": "127.0.0.1:7444", "services": {"redis": ""}}),
+    ("POST", "/v1/renew", {"csr": "-----BEGIN CERTIFICATE REQUEST-----\n"}),
 ]
-# A ClientHello offering TLS 1.3 with an X25519MLKEM768 key share (lengths approximate: it is a seed).
-_CH = bytes.fromhex(
-    "16030100c8010000c40303"
-    + "00" * 32
-    + "00"
-    + "0002130101000099"
-    + "002b0003020304"
-    + "000a0004000211ec"
-    + "00330026002411ec0020"
-    + "00" * 32
-)
+
+
+def _route_index(method: str, path: str) -> int:
+    return next(i for i, (m, p, _a, _h) in enumerate(api.ROUTES) if m == method and p.match(path))
+
+
+# The first byte picks the route (see _API.__call__), the rest is the JSON body.
+API_SEEDS = [bytes([_route_index(m, p)]) + json.dumps(body).encode() for m, p, body in _API_SEED_BODIES]
+
+
+def _tls_seeds() -> list[bytes]:
+    from tapproof.audit import synth
+
+    tls12 = synth.server_hello(version=0x0303, group=None) + synth.server_key_exchange() + synth.server_hello_done()
+    return [synth.client_hello(), synth.server_hello(), tls12, synth.client_hello() + synth.server_hello()]
+
+
+def _pcap_seed() -> bytes:
+    """A small real pcap: one TLS 1.3 connection with handshake and close (dpkt writer)."""
+    import dpkt
+
+    from tapproof.audit import synth
+
+    buf = io.BytesIO()
+    writer = dpkt.pcap.Writer(buf, linktype=1)
+    exchanges = [("c", synth.client_hello()), ("s", synth.server_hello()), ("c", synth.app_data(200))]
+    for ts, frame in synth.conversation(("10.0.0.1", 40000), ("10.0.0.2", 443), exchanges):
+        writer.writepkt(frame, ts)
+    return buf.getvalue()
 
 
 def join_string(data: bytes) -> None:
@@ -120,6 +136,13 @@ class _API:
         self.admin = identity.admin_id("example.org")
         self.host = identity.host_id("example.org", "web-1")
 
+    def close(self) -> None:
+        """Close the store and delete the temp dir (it holds a CA key)."""
+        import shutil
+
+        self.cp.store.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
     def __call__(self, data: bytes) -> None:
         routes = [(m, p.pattern.strip("^$").replace("\\", "").replace("(d{1,12})", "1")) for m, p, _a, _h in api.ROUTES]
         method, path = routes[data[0] % len(routes)] if data else routes[0]
@@ -139,7 +162,7 @@ TARGETS: dict[str, tuple[Callable[[], Callable[[bytes], None]], list[bytes]]] = 
     "join-string": (lambda: join_string, JOIN_SEEDS),
     "spiffe-id": (lambda: spiffe_id, ID_SEEDS),
     "preamble": (lambda: preamble, PREAMBLE_SEEDS),
-    "tls-records": (lambda: tls_records, [_CH]),
-    "pcap": (lambda: pcap_file, [io.BytesIO(b"\xd4\xc3\xb2\xa1\x02\x00\x04\x00" + b"\x00" * 16).getvalue()]),
+    "tls-records": (lambda: tls_records, _tls_seeds()),
+    "pcap": (lambda: pcap_file, [_pcap_seed()]),
     "api-json": (control_api, API_SEEDS),
 }

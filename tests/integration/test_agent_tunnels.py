@@ -298,20 +298,22 @@ def test_sigterm_drains_live_tunnels(fleet: Fleet) -> None:
     d = procs.start_agent(
         fleet.tmp / "d", fleet.srv.token("d"), "--route", "127.0.0.1:0=echo@b", "--drain-timeout", "3s"
     )
-    procs.wait_for(lambda: "b" in d.status()["registry_hosts"], 15, "d to learn b")
-    s = socket.create_connection(d.route(), timeout=10)
-    s.sendall(b"x")
-    assert s.recv(1) == b"x"
-    t0 = time.monotonic()
-    d.signal(signal.SIGTERM)
-    time.sleep(0.5)
-    s.sendall(b"still here")  # draining: the live tunnel still works
-    assert s.recv(100) == b"still here"
-    assert d.proc.wait(15) == 0
-    assert 2.5 < time.monotonic() - t0 < 12
-    s.close()
-    stopped = d.events("agent-stopped")[-1]
-    assert stopped["aborted"] == 1
+    try:
+        procs.wait_for(lambda: "b" in d.status()["registry_hosts"], 15, "d to learn b")
+        with socket.create_connection(d.route(), timeout=10) as s:
+            s.sendall(b"x")
+            assert s.recv(1) == b"x"
+            t0 = time.monotonic()
+            d.signal(signal.SIGTERM)
+            time.sleep(0.5)
+            s.sendall(b"still here")  # draining: the live tunnel still works
+            assert s.recv(100) == b"still here"
+            assert d.proc.wait(15) == 0
+            assert 2.5 < time.monotonic() - t0 < 12
+        stopped = d.events("agent-stopped")[-1]
+        assert stopped["aborted"] == 1
+    finally:
+        d.stop()  # no-op when it already exited
 
 
 def test_no_listener_is_reachable_before_enrollment(tmp_path: Path) -> None:

@@ -73,6 +73,9 @@ def test_live_capture_finds_plaintext(tmp_path: Path) -> None:
     finally:
         stop.set()
         t.join(10)
+        if proc.poll() is None:  # a hung capture: do not leave it (and its tcpdump) behind
+            proc.kill()
+            proc.communicate(timeout=10)
     assert proc.returncode == 1, stderr.decode()  # --fail-on plaintext: met
     report = json.loads(out.read_text())
     flows = [f for f in report["flows"] if port in (f["sport"], f["dport"])]

@@ -138,13 +138,20 @@ def test_inbound_to_protected_port_goes_to_the_inbound_port(iptables_lab: Lab, t
 
 @pytest.mark.netns
 def test_without_agent_redirected_connections_are_refused_not_blackholed(iptables_lab: Lab, tmp_path: Path) -> None:
-    near, _far = iptables_lab.hosts
+    near, far = iptables_lab.hosts
     install(near, "crash")
-    out = tmp_path / "client.txt"
-    t0 = time.monotonic()
-    probe(near, "connect", FAR, "8080", str(out))
-    assert "Connection refused" in out.read_text()
-    assert time.monotonic() - t0 < 5
+    seen = tmp_path / "far.json"
+    listener = start_listener(far, FAR, 8080, seen)  # the real destination IS listening
+    try:
+        out = tmp_path / "client.txt"
+        t0 = time.monotonic()
+        probe(near, "connect", FAR, "8080", str(out))
+        assert "Connection refused" in out.read_text()  # refused by the dead local redirect port...
+        assert time.monotonic() - t0 < 5  # ...at once, not after a silent timeout
+        assert not seen.exists()  # and nothing leaked past the rules to the far service in plaintext
+    finally:
+        listener.kill()
+        listener.wait(5)
 
 
 @pytest.mark.netns

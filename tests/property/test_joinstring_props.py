@@ -37,3 +37,13 @@ def test_truncation_refused(n: int) -> None:
     except JoinStringError:
         return
     raise AssertionError("truncated join string parsed")
+
+
+@given(st.text(max_size=200), st.text(alphabet="ABCDEFabcdef0123456789-_", min_size=8, max_size=8))
+def test_prefixed_random_text_refused(payload: str, check: str) -> None:
+    """Past the prefix: payload and checksum parsing must refuse, never crash."""
+    try:
+        parse(f"tpj1.{payload}.{check}")
+    except JoinStringError:
+        return
+    raise AssertionError("random payload parsed as a join string")

@@ -80,6 +80,7 @@ def test_classical_only_client_refused(pki) -> None:  # type: ignore[no-untyped-
     assert isinstance(server, PeerRejected)
     assert server.reason is PeerReason.HANDSHAKE_FAILED
     assert isinstance(client_res, PeerRejected)
+    assert "key share" in server.detail  # refused for the group, not for something else
 
 
 def test_tls12_client_refused(pki) -> None:  # type: ignore[no-untyped-def]
@@ -95,6 +96,7 @@ def test_tls12_client_refused(pki) -> None:  # type: ignore[no-untyped-def]
 
     server, client_res = _pair(context.server_context(srv, ca.bundle), client)
     assert isinstance(server, PeerRejected)
+    assert "unsupported protocol" in server.detail
     assert isinstance(client_res, ssl.SSLError)
 
 
@@ -108,6 +110,7 @@ def test_missing_client_certificate_refused(pki) -> None:  # type: ignore[no-unt
 
     server, client_res = _pair(context.server_context(srv, ca.bundle), client)
     assert isinstance(server, PeerRejected)
+    assert "did not return a certificate" in server.detail
     assert isinstance(client_res, TapproofError)
 
 
@@ -123,6 +126,7 @@ def test_client_from_other_ca_refused(pki, tmp_path: Path) -> None:  # type: ign
 
     server, client_res = _pair(context.server_context(srv, ca.bundle), client)
     assert isinstance(server, PeerRejected)
+    assert "certificate verify failed" in server.detail
     assert isinstance(client_res, TapproofError)
 
 
@@ -138,6 +142,7 @@ def test_server_from_other_ca_refused_by_client(pki, tmp_path: Path) -> None:  #
     _server, client_res = _pair(context.server_context(host_creds(other, "s"), other.bundle), client)
     assert isinstance(client_res, PeerRejected)
     assert client_res.reason is PeerReason.HANDSHAKE_FAILED
+    assert "certificate verify failed" in client_res.detail
 
 
 def test_handshake_deadline_on_silent_peer(pki) -> None:  # type: ignore[no-untyped-def]
