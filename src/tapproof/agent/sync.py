@@ -104,7 +104,7 @@ class SyncLoop:
         now = time.monotonic()
         if self._register_needed or now - self._registered_at >= REGISTER_EVERY:
             cfg = rt.config
-            body = {"advertise": rt.advertise, "services": {s.name: s.target for s in cfg.services}}
+            body = {"advertise": rt.advertise, "services": {s.name: "" for s in cfg.services}}
             self.client.call("PUT", "/v1/registration", body)
             self._registered_at, self._register_needed = now, False
         headers = [("If-None-Match", self._etag)] if self._etag else []

@@ -2,10 +2,13 @@
 
 One interface, two backends (``sqlite:///PATH`` and ``postgresql://...``), one
 conformance suite (``tests/store``) run against both. All times are aware UTC
-datetimes. Every method is one transaction. Methods raise only
+datetimes. Every method is one transaction. Methods raise
 :class:`~tapproof.errors.StoreError` subclasses (``NotFound``, ``Conflict``,
-``SchemaMismatch``, ``StoreUnavailable``) or, from :meth:`Store.redeem_token`,
-:class:`~tapproof.errors.EnrollmentRefused`.
+``SchemaMismatch``, ``StoreUnavailable``); :meth:`Store.redeem_token` also
+raises :class:`~tapproof.errors.EnrollmentRefused` and passes on whatever its
+``issue`` callback raises (e.g. ``CSRRejected``). Caller mistakes are plain
+``ValueError``/``TypeError``: a naive datetime, a service record for another
+host, an audit ``detail`` that is not JSON.
 """
 
 from __future__ import annotations
@@ -166,7 +169,7 @@ class Store(Protocol):
         ...
 
     def list_tokens(self, *, include_used: bool = False) -> list[TokenRecord]:
-        """Tokens, newest first."""
+        """Tokens, newest first (unused ones only unless ``include_used``)."""
         ...
 
     # --- hosts -------------------------------------------------------------
@@ -179,7 +182,7 @@ class Store(Protocol):
         ...
 
     def update_host_seen(self, name: str, now: dt.datetime, advertise: str | None = None) -> None:
-        """Record that a host checked in (and its advertised address if given)."""
+        """Record that a host checked in (and its advertised address if given); NotFound if unknown."""
         ...
 
     def revoke_host(self, name: str, now: dt.datetime, reason: str) -> list[str]:
