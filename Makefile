@@ -19,10 +19,10 @@ demo: venv
 
 # TAPPROOF_FULL=1 turns every "skipped: needs root/PostgreSQL/tcpdump" into a failure.
 test: venv
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not soak" $(PYTEST_ARGS)
 
 test-fast: venv
-	$(BIN)/python -m pytest -m "not slow and not netns and not postgres" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow and not netns and not postgres and not soak" $(PYTEST_ARGS)
 
 bench: venv
 	$(BIN)/python -m bench $(BENCH_ARGS)
