@@ -239,6 +239,39 @@ def h_health(cp: ControlPlane, _req: Request, _m: re.Match[str]) -> Response:
     return Response(200, {"ok": True, "time": dt.datetime.now(dt.UTC).isoformat()})
 
 
+RETRY_AFTER = 5
+"""Seconds a 503 asks the client to wait (agents back off on their own schedule anyway)."""
+
+
+def _unavailable_response() -> Response:
+    return Response(
+        503,
+        {
+            "error": {
+                "code": "store-unavailable",
+                "message": "the control plane's database is unavailable: retry later or use another server",
+            }
+        },
+        (("Retry-After", str(RETRY_AFTER)),),
+    )
+
+
+def unavailable(req: Request, exc: Exception) -> Response:
+    """The 503 for a request that cannot be served because the database is down (logged and counted)."""
+    REFUSED.labels("store-unavailable").inc()
+    REQUESTS.labels("unavailable", "503").inc()
+    log_event(
+        log,
+        "api-error",
+        level=logging.ERROR,
+        reason="store-unavailable",
+        path=req.path,
+        source=req.source,
+        detail=str(exc),
+    )
+    return _unavailable_response()
+
+
 ROUTES: list[tuple[str, re.Pattern[str], Auth, Handler]] = [
     ("POST", re.compile(r"^/v1/enroll$"), "public", h_enroll),
     ("GET", re.compile(r"^/v1/bundle$"), "public", h_bundle),
@@ -310,9 +343,12 @@ def handle(cp: ControlPlane, req: Request) -> Response:
                 source=req.source,
                 detail=str(exc),
             )
-            # 5xx details (database errors, paths) stay in the log; the peer gets the code only
-            message = str(exc) if status < 500 else "the control plane cannot serve this now; see its log"
-            resp = Response(status, {"error": {"code": code, "message": message}})
+            if status == 503:
+                resp = _unavailable_response()
+            else:
+                # 5xx details (database errors, paths) stay in the log; the peer gets the code only
+                message = str(exc) if status < 500 else "the control plane cannot serve this now; see its log"
+                resp = Response(status, {"error": {"code": code, "message": message}})
         except Exception:
             log.exception("api-internal-error", extra={"event": "api-internal-error", "path": req.path})
             resp = Response(500, {"error": {"code": "internal", "message": "internal error (see server log)"}})

@@ -128,6 +128,15 @@ class Store(Protocol):
         """Set a setting."""
         ...
 
+    # --- control-plane servers sharing the database ----------------------
+    def register_server(self, address: str, now: dt.datetime) -> None:
+        """Record that a server answers at ``address`` (HOST:PORT) as of ``now``."""
+        ...
+
+    def list_servers(self, since: dt.datetime) -> list[str]:
+        """Addresses of servers registered at or after ``since``, most recently seen first."""
+        ...
+
     # --- trust roots -------------------------------------------------------
     def add_trust_root(self, root: TrustRootRecord) -> None:
         """Add a root (Conflict if the fingerprint exists)."""

@@ -10,6 +10,12 @@
 * :func:`run_tx` runs one function in one transaction, retries PostgreSQL
   serialization failures and deadlocks, and translates driver errors into the
   :class:`~tapproof.errors.StoreError` tree with ``raise ... from exc``.
+* Outages: a database that cannot be reached or read raises
+  :class:`~tapproof.errors.StoreUnavailable` at once (PostgreSQL: refused or
+  ``connect_timeout``; the API answers 503). The gauge ``tapproof_store_up``
+  and one ``store-down``/``store-up`` log line per transition say so. Nothing
+  needs a restart afterwards: PostgreSQL connections are pre-pinged at
+  checkout, so the pool drops dead ones and reconnects by itself.
 """
 
 from __future__ import annotations
@@ -17,12 +23,14 @@ from __future__ import annotations
 import logging
 import random
 import sqlite3
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import psycopg
 import sqlalchemy as sa
+from prometheus_client import Counter, Gauge
 from sqlalchemy import event
 from sqlalchemy.engine import URL, make_url
 
@@ -36,8 +44,16 @@ T = TypeVar("T")
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 """How long a SQLite writer waits for the write lock before giving up."""
 
-PG_CONNECT_TIMEOUT_S = 10
-"""libpq ``connect_timeout`` unless the URL sets one."""
+PG_CONNECT_TIMEOUT_S = 5
+"""libpq ``connect_timeout`` unless the URL sets one (a black-holed database fails a request, not hangs it)."""
+
+PG_POOL_TIMEOUT_S = 10
+"""How long a PostgreSQL transaction waits for a pooled connection before it fails (StoreUnavailable)."""
+
+STORE_UP = Gauge("tapproof_store_up", "1 while database transactions work, 0 after one failed for unavailability")
+STORE_UNAVAILABLE = Counter(
+    "tapproof_store_unavailable", "Transactions that failed: database unreachable or unreadable"
+)
 
 RETRIES = 5
 """Attempts for a PostgreSQL transaction that hits a serialization failure or deadlock."""
@@ -90,7 +106,7 @@ def make_engine(url: URL) -> sa.Engine:
         pool_pre_ping=True,
         pool_size=5,
         max_overflow=20,
-        pool_timeout=60,
+        pool_timeout=PG_POOL_TIMEOUT_S,
         connect_args=connect_args,
     )
 
@@ -139,17 +155,48 @@ def run_tx(
                     options["isolation_level"] = isolation
                 conn.execution_options(**options)
                 with conn.begin():
-                    return fn(conn)
+                    result = fn(conn)
+            _health.mark(True, what, "")
+            return result
         except sa.exc.DBAPIError as exc:
             sqlstate = getattr(exc.orig, "sqlstate", None)
             if postgres and sqlstate in _RETRY_SQLSTATES and attempt < RETRIES:
                 log_event(log, "store-retry", level=logging.DEBUG, what=what, sqlstate=sqlstate)
                 time.sleep(random.uniform(0.005, 0.02) * attempt)  # noqa: S311 - jitter, not crypto
                 continue
-            raise translate(exc, what, engine.url) from exc
+            raise _health.seen(translate(exc, what, engine.url)) from exc
         except (sa.exc.SQLAlchemyError, sqlite3.Error, psycopg.Error) as exc:
-            raise translate(exc, what, engine.url) from exc
+            raise _health.seen(translate(exc, what, engine.url)) from exc
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+class _Health:
+    """Database up/down as the last transaction saw it: the gauge and one log line per transition."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._up: bool | None = None
+
+    def mark(self, up: bool, what: str, reason: str) -> None:
+        """Record an outcome; log when it changes the state."""
+        with self._lock:
+            before, self._up = self._up, up
+        STORE_UP.set(1 if up else 0)
+        if not up:
+            STORE_UNAVAILABLE.inc()
+            if before is not False:
+                log_event(log, "store-down", level=logging.ERROR, what=what, reason=reason)
+        elif before is False:
+            log_event(log, "store-up", level=logging.WARNING, what=what)
+
+    def seen(self, exc: Exception) -> Exception:
+        """Pass ``exc`` through, marking the database down if it is an unavailability."""
+        if isinstance(exc, StoreUnavailable):
+            self.mark(False, "", str(exc))
+        return exc
+
+
+_health = _Health()
 
 
 def translate(exc: BaseException, what: str, url: URL) -> Exception:

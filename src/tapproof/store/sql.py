@@ -67,6 +67,7 @@ from tapproof.store.schema import (
 
 T = TypeVar("T")
 
+_SERVER_PREFIX = "server-address/"  # settings key of a registered control-plane server
 _AUDIT_LOCK_KEY = 0x7461_7070_0001  # pg_advisory_xact_lock key for audit appends ("tapp")
 
 
@@ -222,6 +223,23 @@ class SQLStore:
             conn.execute(stmt.on_conflict_do_update(index_elements=["key"], set_={"value": value}))
 
         self._write("set setting", body)
+
+    # --- control-plane servers (rows in settings: no schema change) ------------
+    def register_server(self, address: str, now: dt.datetime) -> None:
+        """Record that a server answers at ``address`` as of ``now`` (its own row: no contention)."""
+        if now.tzinfo is None or now.utcoffset() is None:
+            raise ValueError(f"naive datetime {now!r}: the store takes aware UTC datetimes")
+        self.set_setting(_SERVER_PREFIX + address, now.astimezone(dt.UTC).isoformat())
+
+    def list_servers(self, since: dt.datetime) -> list[str]:
+        """Addresses of servers registered at or after ``since``, most recently seen first."""
+
+        def body(conn: sa.Connection) -> list[str]:
+            stmt = sa.select(settings.c.key, settings.c.value).where(settings.c.key.startswith(_SERVER_PREFIX))
+            seen = [(dt.datetime.fromisoformat(v), k.removeprefix(_SERVER_PREFIX)) for k, v in conn.execute(stmt)]
+            return [addr for ts, addr in sorted(seen, key=lambda p: (-p[0].timestamp(), p[1])) if ts >= since]
+
+        return self._read("list servers", body)
 
     # --- trust roots ---------------------------------------------------------
     def add_trust_root(self, root: TrustRootRecord) -> None:
