@@ -7,8 +7,11 @@ with :func:`migrate` (what ``tapproof server migrate`` runs).
 
 from tapproof.store.base import (
     AuditEntry,
+    CARequestRecord,
+    CAServerRecord,
     CertificateRecord,
     HostRecord,
+    IntermediateRecord,
     PolicyRuleRecord,
     ServiceRecord,
     Store,
@@ -21,8 +24,11 @@ from tapproof.store.sql import SQLStore, migrate, open_store
 __all__ = [
     "SCHEMA_VERSION",
     "AuditEntry",
+    "CARequestRecord",
+    "CAServerRecord",
     "CertificateRecord",
     "HostRecord",
+    "IntermediateRecord",
     "PolicyRuleRecord",
     "SQLStore",
     "ServiceRecord",

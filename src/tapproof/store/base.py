@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, Protocol
 
 CertKind = Literal["host", "server", "admin", "intermediate"]
@@ -46,6 +46,7 @@ class HostRecord:
     revoke_reason: str = ""
     advertise: str = ""  # HOST:PORT peers dial for this host's agent tunnel port
     last_seen: dt.datetime | None = None
+    bundle: str = ""  # the root fingerprints the host's agent reported holding, comma-separated
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +62,7 @@ class CertificateRecord:
     issuer: str  # which server (its SPIFFE ID or name) signed it
     host: str | None = None
     revoked_at: dt.datetime | None = None
+    root: str = ""  # fingerprint of the root the issued chain ends at ("" before schema v2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +96,41 @@ class TrustRootRecord:
     cert_pem: str
     state: RootState
     created_at: dt.datetime
+
+
+@dataclasses.dataclass(frozen=True)
+class IntermediateRecord:
+    """An intermediate CA certificate of one server (its key stays in that server's data dir)."""
+
+    fingerprint: str  # SHA-256 of the DER
+    server: str  # the server's name (``name`` in its server.toml)
+    key_id: str  # SHA-256 of the certified public key (SPKI DER): one key may be certified under several roots
+    root: str  # fingerprint of the root that signed it
+    cert_pem: str
+    not_before: dt.datetime
+    not_after: dt.datetime
+    created_at: dt.datetime
+
+
+@dataclasses.dataclass(frozen=True)
+class CARequestRecord:
+    """A server's pending request for an intermediate (a CSR), waiting for whoever holds the root key."""
+
+    key_id: str
+    server: str
+    csr_pem: str
+    created_at: dt.datetime
+
+
+@dataclasses.dataclass(frozen=True)
+class CAServerRecord:
+    """What one server serves now: its intermediate, the root that chain ends at, the bundle it trusts."""
+
+    name: str
+    intermediate: str  # fingerprint of the intermediate in use
+    root: str  # fingerprint of the root the server's own certificate chains to
+    bundle: str  # root fingerprints it trusts, comma-separated
+    seen_at: dt.datetime
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,6 +191,46 @@ class Store(Protocol):
         """All roots, oldest first."""
         ...
 
+    def transition_trust_roots(
+        self, expected: Mapping[str, RootState], changes: Mapping[str, RootState | None]
+    ) -> None:
+        """Compare-and-set several roots in one transaction (a rotation step).
+
+        Every root in ``expected`` must exist in that state (Conflict otherwise:
+        someone else moved the rotation on); then each root in ``changes`` gets
+        its new state, ``None`` removing it.
+        """
+        ...
+
+    # --- CA state (per-server intermediates) -------------------------------
+    def add_intermediate(self, rec: IntermediateRecord) -> None:
+        """Record an intermediate certificate (Conflict on a duplicate fingerprint)."""
+        ...
+
+    def list_intermediates(self, server: str | None = None) -> list[IntermediateRecord]:
+        """Intermediates (of one server, or all), oldest first."""
+        ...
+
+    def add_ca_request(self, req: CARequestRecord) -> None:
+        """Queue a signing request (Conflict if one exists for that key)."""
+        ...
+
+    def list_ca_requests(self) -> list[CARequestRecord]:
+        """Pending signing requests, oldest first."""
+        ...
+
+    def remove_ca_request(self, key_id: str) -> None:
+        """Drop a request once signed (NotFound if absent)."""
+        ...
+
+    def heartbeat_ca_server(self, rec: CAServerRecord) -> None:
+        """Insert or replace what server ``rec.name`` serves now."""
+        ...
+
+    def list_ca_servers(self) -> list[CAServerRecord]:
+        """Every server that ever reported, by name."""
+        ...
+
     # --- tokens and enrollment ---------------------------------------------
     def add_token(self, token: TokenRecord) -> None:
         """Store a new token (Conflict if the hash exists)."""
@@ -190,8 +267,10 @@ class Store(Protocol):
         """All hosts, by name."""
         ...
 
-    def update_host_seen(self, name: str, now: dt.datetime, advertise: str | None = None) -> None:
-        """Record that a host checked in (and its advertised address if given); NotFound if unknown."""
+    def update_host_seen(
+        self, name: str, now: dt.datetime, advertise: str | None = None, bundle: str | None = None
+    ) -> None:
+        """Record that a host checked in (and its advertised address and held bundle if given); NotFound if unknown."""
         ...
 
     def revoke_host(self, name: str, now: dt.datetime, reason: str) -> list[str]:
@@ -217,6 +296,10 @@ class Store(Protocol):
 
     def certificates_expiring(self, now: dt.datetime, within: dt.timedelta) -> list[CertificateRecord]:
         """Unrevoked certificates with ``now <= not_after < now + within``."""
+        ...
+
+    def unexpired_certificates(self, now: dt.datetime) -> list[CertificateRecord]:
+        """Unrevoked certificates with ``not_after > now``, oldest issuance first."""
         ...
 
     # --- services ----------------------------------------------------------

@@ -183,8 +183,52 @@ def _v1_initial(conn: sa.Connection) -> None:
         conn.exec_driver_sql(statement.strip())
 
 
+_V2_CA_STATE = """
+ALTER TABLE certificates ADD COLUMN root VARCHAR(64) NOT NULL DEFAULT ''
+;;
+ALTER TABLE hosts ADD COLUMN bundle TEXT NOT NULL DEFAULT ''
+;;
+CREATE TABLE ca_intermediates (
+    fingerprint VARCHAR(64) PRIMARY KEY,
+    server VARCHAR(255) NOT NULL,
+    key_id VARCHAR(64) NOT NULL,
+    root VARCHAR(64) NOT NULL,
+    cert_pem TEXT NOT NULL,
+    not_before {ts} NOT NULL,
+    not_after {ts} NOT NULL,
+    created_at {ts} NOT NULL
+)
+;;
+CREATE INDEX ca_intermediates_server ON ca_intermediates (server)
+;;
+CREATE TABLE ca_requests (
+    key_id VARCHAR(64) PRIMARY KEY,
+    server VARCHAR(255) NOT NULL,
+    csr_pem TEXT NOT NULL,
+    created_at {ts} NOT NULL
+)
+;;
+CREATE TABLE ca_servers (
+    name VARCHAR(255) PRIMARY KEY,
+    intermediate VARCHAR(64) NOT NULL DEFAULT '',
+    root VARCHAR(64) NOT NULL DEFAULT '',
+    bundle TEXT NOT NULL DEFAULT '',
+    seen_at {ts} NOT NULL
+)
+"""
+
+
+def _v2_ca_state(conn: sa.Connection) -> None:
+    """Version 2: CA state shared by every server (per-server intermediates, signing requests,
+    which chain each server serves), the root a certificate chains to, the bundle each host holds."""
+    types = _TYPES[conn.dialect.name]
+    for statement in _V2_CA_STATE.split(";;"):
+        conn.exec_driver_sql(statement.strip().format(**types))
+
+
 MIGRATIONS: list[Migration] = [
     (1, "initial", _v1_initial),
+    (2, "ca-state", _v2_ca_state),
 ]
 """Every migration, in version order."""
 

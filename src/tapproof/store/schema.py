@@ -110,6 +110,7 @@ hosts = sa.Table(
     sa.Column("revoke_reason", sa.Text, nullable=False),
     sa.Column("advertise", sa.String(300), nullable=False),
     sa.Column("last_seen", UTCDateTime, nullable=True),
+    sa.Column("bundle", sa.Text, nullable=False, server_default=""),  # v2: root fingerprints the host holds
 )
 
 certificates = sa.Table(
@@ -124,6 +125,7 @@ certificates = sa.Table(
     sa.Column("issuer", sa.String(2048), nullable=False),
     sa.Column("host", sa.String(255), nullable=True),
     sa.Column("revoked_at", UTCDateTime, nullable=True),
+    sa.Column("root", sa.String(64), nullable=False, server_default=""),  # v2: root the chain ends at
 )
 
 services = sa.Table(
@@ -162,4 +164,38 @@ audit_log = sa.Table(
     sa.Column("actor", sa.String(2048), nullable=False),
     sa.Column("action", sa.String(255), nullable=False),
     sa.Column("detail", JSONDoc, nullable=False),
+)
+
+# --- v2: CA state shared by the servers of one database ------------------------
+
+ca_intermediates = sa.Table(
+    "ca_intermediates",
+    metadata,
+    sa.Column("fingerprint", sa.String(64), primary_key=True),
+    sa.Column("server", sa.String(255), nullable=False),
+    sa.Column("key_id", sa.String(64), nullable=False),
+    sa.Column("root", sa.String(64), nullable=False),
+    sa.Column("cert_pem", sa.Text, nullable=False),
+    sa.Column("not_before", UTCDateTime, nullable=False),
+    sa.Column("not_after", UTCDateTime, nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+)
+
+ca_requests = sa.Table(
+    "ca_requests",
+    metadata,
+    sa.Column("key_id", sa.String(64), primary_key=True),
+    sa.Column("server", sa.String(255), nullable=False),
+    sa.Column("csr_pem", sa.Text, nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+)
+
+ca_servers = sa.Table(
+    "ca_servers",
+    metadata,
+    sa.Column("name", sa.String(255), primary_key=True),
+    sa.Column("intermediate", sa.String(64), nullable=False),
+    sa.Column("root", sa.String(64), nullable=False),
+    sa.Column("bundle", sa.Text, nullable=False),
+    sa.Column("seen_at", UTCDateTime, nullable=False),
 )

@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -34,6 +34,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 
 from tapproof.errors import (
+    Conflict,
     EnrollmentRefused,
     NotFound,
     SchemaMismatch,
@@ -44,8 +45,11 @@ from tapproof.errors import (
 from tapproof.store import migrations
 from tapproof.store.base import (
     AuditEntry,
+    CARequestRecord,
+    CAServerRecord,
     CertificateRecord,
     HostRecord,
+    IntermediateRecord,
     PolicyRuleRecord,
     RootState,
     ServiceRecord,
@@ -55,6 +59,9 @@ from tapproof.store.base import (
 from tapproof.store.engine import make_engine, parse_url, redact, run_tx
 from tapproof.store.schema import (
     audit_log,
+    ca_intermediates,
+    ca_requests,
+    ca_servers,
     certificates,
     hosts,
     policy_rules,
@@ -98,6 +105,7 @@ def _host(row: sa.Row[Any]) -> HostRecord:
         revoke_reason=m["revoke_reason"],
         advertise=m["advertise"],
         last_seen=m["last_seen"],
+        bundle=m["bundle"],
     )
 
 
@@ -113,6 +121,7 @@ def _cert(row: sa.Row[Any]) -> CertificateRecord:
         issuer=m["issuer"],
         host=m["host"],
         revoked_at=m["revoked_at"],
+        root=m["root"],
     )
 
 
@@ -127,6 +136,7 @@ def _cert_values(cert: CertificateRecord) -> dict[str, Any]:
         "issuer": cert.issuer,
         "host": cert.host,
         "revoked_at": cert.revoked_at,
+        "root": cert.root,
     }
 
 
@@ -288,6 +298,96 @@ class SQLStore:
 
         return self._read("list trust roots", body)
 
+    def transition_trust_roots(
+        self, expected: Mapping[str, RootState], changes: Mapping[str, RootState | None]
+    ) -> None:
+        """Compare-and-set several roots in one transaction (rows locked; Conflict on a stale view)."""
+
+        def body(conn: sa.Connection) -> None:
+            rows = conn.execute(
+                sa.select(trust_roots.c.fingerprint, trust_roots.c.state)
+                .where(trust_roots.c.fingerprint.in_(list(expected)))
+                .with_for_update()
+            ).all()
+            found = {r.fingerprint: r.state for r in rows}
+            for fp, state in expected.items():
+                if found.get(fp) != state:
+                    raise Conflict(f"trust root {fp[:16]} is {found.get(fp, 'absent')}, expected {state}")
+            for fp, new in changes.items():
+                if new is None:
+                    conn.execute(trust_roots.delete().where(trust_roots.c.fingerprint == fp))
+                else:
+                    result = conn.execute(trust_roots.update().where(trust_roots.c.fingerprint == fp).values(state=new))
+                    if result.rowcount == 0:
+                        raise NotFound(f"no trust root {fp}")
+
+        self._write("transition trust roots", body)
+
+    # --- CA state ----------------------------------------------------------------
+    def add_intermediate(self, rec: IntermediateRecord) -> None:
+        """Record an intermediate certificate (Conflict on a duplicate fingerprint)."""
+
+        def body(conn: sa.Connection) -> None:
+            conn.execute(ca_intermediates.insert().values(**dataclasses.asdict(rec)))
+
+        self._write("add intermediate", body)
+
+    def list_intermediates(self, server: str | None = None) -> list[IntermediateRecord]:
+        """Intermediates (of one server, or all), oldest first."""
+
+        def body(conn: sa.Connection) -> list[IntermediateRecord]:
+            stmt = sa.select(ca_intermediates).order_by(ca_intermediates.c.created_at, ca_intermediates.c.fingerprint)
+            if server is not None:
+                stmt = stmt.where(ca_intermediates.c.server == server)
+            return [IntermediateRecord(**dict(r._mapping)) for r in conn.execute(stmt)]
+
+        return self._read("list intermediates", body)
+
+    def add_ca_request(self, req: CARequestRecord) -> None:
+        """Queue a signing request (Conflict if one exists for that key)."""
+
+        def body(conn: sa.Connection) -> None:
+            conn.execute(ca_requests.insert().values(**dataclasses.asdict(req)))
+
+        self._write("add CA request", body)
+
+    def list_ca_requests(self) -> list[CARequestRecord]:
+        """Pending signing requests, oldest first."""
+
+        def body(conn: sa.Connection) -> list[CARequestRecord]:
+            stmt = sa.select(ca_requests).order_by(ca_requests.c.created_at, ca_requests.c.key_id)
+            return [CARequestRecord(**dict(r._mapping)) for r in conn.execute(stmt)]
+
+        return self._read("list CA requests", body)
+
+    def remove_ca_request(self, key_id: str) -> None:
+        """Drop a request (NotFound if absent)."""
+
+        def body(conn: sa.Connection) -> None:
+            if conn.execute(ca_requests.delete().where(ca_requests.c.key_id == key_id)).rowcount == 0:
+                raise NotFound(f"no CA request for key {key_id[:16]}")
+
+        self._write("remove CA request", body)
+
+    def heartbeat_ca_server(self, rec: CAServerRecord) -> None:
+        """Insert or replace what server ``rec.name`` serves now."""
+        values = dataclasses.asdict(rec)
+
+        def body(conn: sa.Connection) -> None:
+            stmt = self._insert(ca_servers).values(**values)
+            conn.execute(stmt.on_conflict_do_update(index_elements=["name"], set_=values))
+
+        self._write("CA server heartbeat", body)
+
+    def list_ca_servers(self) -> list[CAServerRecord]:
+        """Every server that ever reported, by name."""
+
+        def body(conn: sa.Connection) -> list[CAServerRecord]:
+            stmt = sa.select(ca_servers).order_by(ca_servers.c.name)
+            return [CAServerRecord(**dict(r._mapping)) for r in conn.execute(stmt)]
+
+        return self._read("list CA servers", body)
+
     # --- tokens and enrollment -----------------------------------------------
     def add_token(self, token: TokenRecord) -> None:
         """Store a new token (Conflict if the hash exists)."""
@@ -386,13 +486,17 @@ class SQLStore:
 
         return self._read("list hosts", body)
 
-    def update_host_seen(self, name: str, now: dt.datetime, advertise: str | None = None) -> None:
+    def update_host_seen(
+        self, name: str, now: dt.datetime, advertise: str | None = None, bundle: str | None = None
+    ) -> None:
         """Record that a host checked in (NotFound if the host was never enrolled)."""
 
         def body(conn: sa.Connection) -> None:
             values: dict[str, Any] = {"last_seen": now}
             if advertise is not None:
                 values["advertise"] = advertise
+            if bundle is not None:
+                values["bundle"] = bundle
             result = conn.execute(hosts.update().where(hosts.c.name == name).values(**values))
             if result.rowcount == 0:
                 raise NotFound(f"no host {name!r}")
@@ -484,6 +588,19 @@ class SQLStore:
             return [_cert(r) for r in conn.execute(stmt)]
 
         return self._read("list expiring certificates", body)
+
+    def unexpired_certificates(self, now: dt.datetime) -> list[CertificateRecord]:
+        """Unrevoked certificates with ``not_after > now``, oldest issuance first."""
+
+        def body(conn: sa.Connection) -> list[CertificateRecord]:
+            stmt = (
+                sa.select(certificates)
+                .where(certificates.c.revoked_at.is_(None), certificates.c.not_after > now)
+                .order_by(certificates.c.issued_at, certificates.c.serial)
+            )
+            return [_cert(r) for r in conn.execute(stmt)]
+
+        return self._read("list unexpired certificates", body)
 
     # --- services ------------------------------------------------------------
     def register_services(self, host: str, services_: Sequence[ServiceRecord]) -> None:
