@@ -257,6 +257,10 @@ class Relay:
         with contextlib.suppress(OSError):
             tls.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         plain_fd = plain.fileno()
+        # Until the peer's close_notify has been relayed as a FIN, any close of the plaintext socket is an
+        # abort, including the kernel's close when this process dies (kill -9): linger 0 makes that an RST,
+        # so the application sees an error, never an orderly EOF after a short read.
+        _set_linger0(plain)
         _lib.SSL_clear_mode(ssl, _lib.SSL_MODE_ENABLE_PARTIAL_WRITE)
         _lib.ERR_clear_error()
 
@@ -367,6 +371,7 @@ class Relay:
                         dlen = doff = 0
             elif down_eof and dlen == 0 and not down_done:
                 try:
+                    plain.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, bytes(8))  # the stream is whole now
                     plain.shutdown(socket.SHUT_WR)
                 except OSError as exc:
                     raise _Abort(EndReason.PEER_RESET, Side.PLAIN, f"plain shutdown: {exc}") from None
