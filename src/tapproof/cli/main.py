@@ -17,7 +17,7 @@ from tapproof import __version__, logs
 from tapproof.errors import APIError, ConfigError, TapproofError
 
 # Each module has ``register(subparsers)`` that adds its parser and sets ``func``.
-_COMMANDS = ("server", "agent", "audit", "demo")
+_COMMANDS = ("server", "agent", "audit", "demo", "doctor")
 
 EXIT_OK = 0
 EXIT_FAIL = 1
