@@ -10,6 +10,7 @@ decrypted bytes that ``select`` cannot see.
 from __future__ import annotations
 
 import contextlib
+import math
 import select
 import socket
 import time
@@ -27,8 +28,11 @@ def _wait(sock: socket.socket, *, write: bool, deadline: float, what: str) -> No
     remaining = deadline - time.monotonic()
     if remaining <= 0:
         raise (HandshakeTimeout if what == "handshake" else TransportError)(f"{what} timed out")
-    r, w, _ = select.select([] if write else [sock], [sock] if write else [], [], remaining)
-    if not r and not w:
+    # poll, not select: select() cannot watch a descriptor >= 1024 (FD_SETSIZE) and raised
+    # ValueError once a process held that many sockets (found by tests/battery/test_slowloris.py)
+    poller = select.poll()
+    poller.register(sock, select.POLLOUT if write else select.POLLIN)
+    if not poller.poll(math.ceil(remaining * 1000)):
         raise (HandshakeTimeout if what == "handshake" else TransportError)(f"{what} timed out")
 
 

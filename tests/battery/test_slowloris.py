@@ -1,0 +1,265 @@
+"""Slowloris plus a handshake flood on an agent's tunnel port, while real tunnels keep working.
+
+For :data:`DURATION` seconds, against agent ``b``'s tunnel port:
+
+- 500 silent sockets and 500 that send one byte every 10 s (phases spread),
+  each reopened as soon as the agent drops it, so 1,000 stay stuck all along;
+- a flood of 200 full mutual handshakes per second from another process
+  (:mod:`tests.battery.flood`), each closed before its preamble;
+- legitimate tunnels (app -> agent a's route -> b -> echo), 10 per second.
+
+Asserted: >= 99% of the legitimate tunnels succeed, their p99 setup time is
+<= 250 ms; every stuck socket is dropped at the agent's handshake deadline
+(:data:`tapproof.agent.inbound.HANDSHAKE_TIMEOUT`, counted from accept, so a
+trickle of bytes does not extend it) and none outlives it by more than
+:data:`REAP_SLACK`; the flood ran at >= 90% of its rate; no backend
+connection from anything but the legitimate tunnels; the agent's descriptors
+and threads return to their baseline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import selectors
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from tapproof.agent.inbound import HANDSHAKE_TIMEOUT
+from tapproof.pki.ca import load_ca
+from tests.battery import loadkit
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+DURATION = 30.0
+SILENT = 500
+TRICKLE = 500
+TRICKLE_EVERY = 10.0
+FLOOD_RATE = 200
+LEGIT_RATE = 10
+REAP_SLACK = 3.0
+P99_LIMIT = 0.250
+
+
+@pytest.fixture(scope="module")
+def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[loadkit.Bed]:
+    loadkit.raise_nofile(16384)  # the agents inherit it
+    b = loadkit.Bed(tmp_path_factory.mktemp("slowloris"))
+    try:
+        yield b
+    finally:
+        b.close()
+
+
+class Stuck:
+    """Keeps ``silent`` + ``trickle`` sockets connected to ``addr``, reopening each one the server drops."""
+
+    def __init__(self, addr: tuple[str, int], silent: int, trickle: int, until: float) -> None:
+        self.addr = addr
+        self.until = until
+        self.sel = selectors.DefaultSelector()
+        self.lifetimes: list[float] = []  # seconds from connect to the server's close, per dropped socket
+        self.bytes_sent = 0
+        self.open_failures = 0
+        self._rng = random.Random(5)
+        self._next_byte: dict[socket.socket, float] = {}
+        for _ in range(silent):
+            self._open(trickle=False)
+        for _ in range(trickle):
+            self._open(trickle=True)
+
+    def _open(self, *, trickle: bool) -> None:
+        s = socket.socket()
+        try:
+            s.connect(self.addr)
+        except OSError:
+            s.close()
+            self.open_failures += 1
+            return
+        s.setblocking(False)
+        self.sel.register(s, selectors.EVENT_READ, time.monotonic())
+        if trickle:
+            self._next_byte[s] = time.monotonic() + self._rng.uniform(0, TRICKLE_EVERY)
+
+    def run(self) -> None:
+        """Until ``until``: send the trickle bytes, record and replace the dropped sockets."""
+        while time.monotonic() < self.until:
+            for key, _ in self.sel.select(0.1):
+                s = key.fileobj
+                assert isinstance(s, socket.socket)
+                try:
+                    data = s.recv(4096)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    data = b""
+                if data:
+                    continue  # an alert: the close follows
+                self.lifetimes.append(time.monotonic() - key.data)
+                trickle = self._next_byte.pop(s, None) is not None
+                self.sel.unregister(s)
+                s.close()
+                self._open(trickle=trickle)
+            now = time.monotonic()
+            for s, due in list(self._next_byte.items()):
+                if now >= due:
+                    with contextlib.suppress(OSError):
+                        s.send(b"\x16")
+                        self.bytes_sent += 1
+                    self._next_byte[s] = due + TRICKLE_EVERY
+
+    def oldest(self) -> float:
+        """Age of the oldest socket still open."""
+        now = time.monotonic()
+        return max((now - k.data for k in self.sel.get_map().values()), default=0.0)
+
+    def close(self) -> None:
+        """Close every socket still open."""
+        for key in list(self.sel.get_map().values()):
+            with contextlib.suppress(OSError):
+                key.fileobj.close()  # type: ignore[union-attr]
+        self.sel.close()
+
+
+def _start_flood(bed: loadkit.Bed, tmp: Path) -> subprocess.Popen[str]:
+    creds = bed.client_creds("flood")
+    creds.save(tmp / "flood-key.pem", tmp / "flood-cert.pem")
+    (tmp / "bundle.pem").write_bytes(load_ca(bed.srv.data_dir, "example.org").bundle.to_pem())
+    host, port = bed.b.tunnel
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tests.battery.flood",
+            f"{host}:{port}",
+            str(tmp / "flood-key.pem"),
+            str(tmp / "flood-cert.pem"),
+            str(tmp / "bundle.pem"),
+            str(FLOOD_RATE),
+            str(DURATION),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def _legit(route: tuple[str, int], until: float) -> tuple[list[float], list[str]]:
+    times: list[float] = []
+    failures: list[str] = []
+    lock = threading.Lock()
+
+    def one() -> None:
+        try:
+            elapsed, _ = loadkit.tunnel_once(route, timeout=10)
+        except OSError as exc:
+            with lock:
+                failures.append(f"{type(exc).__name__}: {exc}")
+            return
+        with lock:
+            times.append(elapsed)
+
+    start = time.monotonic()
+    with ThreadPoolExecutor(16) as pool:
+        i = 0
+        while True:
+            due = start + i / LEGIT_RATE
+            if due >= until:
+                break
+            time.sleep(max(0.0, due - time.monotonic()))
+            pool.submit(one)
+            i += 1
+    return times, failures
+
+
+def test_slowloris_and_flood_leave_real_tunnels_working(bed: loadkit.Bed, tmp_path: Path) -> None:
+    pid = bed.b.proc.pid
+    loadkit.tunnel_once(bed.route)
+    time.sleep(1)
+    fds0, threads0 = loadkit.fds(pid), loadkit.threads(pid)
+    accepted0 = bed.echo.accepted
+
+    start = time.monotonic()
+    until = start + DURATION
+    stuck = Stuck(bed.b.tunnel, SILENT, TRICKLE, until)
+    flood = _start_flood(bed, tmp_path)
+    stuck_thread = threading.Thread(target=stuck.run, daemon=True)
+    stuck_thread.start()
+    try:
+        times, failures = _legit(bed.route, until)
+        stuck_thread.join(DURATION + 10)
+        oldest = stuck.oldest()
+        out, _ = flood.communicate(timeout=DURATION + 30)
+    finally:
+        stuck.close()
+        if flood.poll() is None:
+            flood.kill()
+            flood.wait(5)
+    summary = json.loads(out.strip().splitlines()[-1])
+
+    attempts = len(times) + len(failures)
+    success = len(times) / attempts
+    p50, p99 = loadkit.percentile(times, 0.5), loadkit.percentile(times, 0.99)
+    reaped = stuck.lifetimes
+    print(
+        f"\nslowloris {SILENT}+{TRICKLE} sockets + flood {summary} for {DURATION:.0f}s:"
+        f"\n  legitimate tunnels: {len(times)}/{attempts} ok ({success:.2%}), setup p50 {p50 * 1000:.1f} ms,"
+        f" p99 {p99 * 1000:.1f} ms, max {max(times, default=0) * 1000:.1f} ms; failures {failures[:3]}"
+        f"\n  stuck sockets dropped: {len(reaped)}, lifetime min {min(reaped, default=0):.2f}s"
+        f" max {max(reaped, default=0):.2f}s (deadline {HANDSHAKE_TIMEOUT}s); oldest still open {oldest:.2f}s;"
+        f" trickle bytes {stuck.bytes_sent}; reconnect failures {stuck.open_failures}"
+    )
+    assert success >= 0.99, failures[:10]
+    assert p99 <= P99_LIMIT
+    assert summary["attempted"] >= 0.9 * FLOOD_RATE * DURATION
+    assert summary["elapsed"] <= DURATION * 1.5, "the flood could not keep its rate"
+    # every stuck socket of the first generation (and the next) was dropped at the deadline, not before or long after
+    assert len(reaped) >= SILENT + TRICKLE
+    assert min(reaped) >= HANDSHAKE_TIMEOUT - 0.5
+    assert max(reaped) <= HANDSHAKE_TIMEOUT + REAP_SLACK
+    assert oldest <= HANDSHAKE_TIMEOUT + REAP_SLACK
+    assert stuck.bytes_sent >= TRICKLE // 2
+    # only the legitimate tunnels reached the backend
+    assert bed.echo.accepted - accepted0 == len(times) + sum(1 for f in failures if "echo answered" in f)
+    refusals = {e.get("reason") for e in bed.b.events("tunnel-refused") if e.get("reason") in ("handshake-timeout",)}
+    assert refusals == {"handshake-timeout"}
+    assert bed.b.proc.poll() is None
+    assert "Traceback" not in bed.b.log_path.read_text(errors="replace")
+    fds1, threads1 = loadkit.settle(pid, fds0, threads0, timeout=30)
+    print(f"  agent b: fds {fds0} -> {fds1}, threads {threads0} -> {threads1}")
+
+
+def test_a_handshake_on_a_descriptor_above_1024_works(tmp_path: Path) -> None:
+    """Regression: the TLS stream waited with select(), which raises ValueError for a descriptor >= 1024,
+    so an agent holding 1,000 stuck sockets crashed on every new handshake (found by the test above)."""
+    from tapproof.tls import context
+    from tapproof.tls.stream import TLSStream
+    from tests.pkifix import host_creds, make_ca
+
+    loadkit.raise_nofile(4096)
+    ca = make_ca(tmp_path)
+    server_ctx = context.server_context(host_creds(ca, "b"), ca.bundle)
+    client_ctx = context.client_context(host_creds(ca, "a"), ca.bundle)
+    left, right = socket.socketpair()
+    high = [socket.socket(fileno=os.dup2(s.detach(), 2000 + i)) for i, s in enumerate((left, right))]
+    assert all(s.fileno() >= 1024 for s in high)
+    server, client = TLSStream.server(server_ctx, high[0]), TLSStream.client(client_ctx, high[1])
+    t = threading.Thread(target=server.handshake, args=(time.monotonic() + 10,), daemon=True)
+    t.start()
+    client.handshake(time.monotonic() + 10)
+    t.join(10)
+    client.sendall(b"ping", time.monotonic() + 5)
+    assert server.recv(4, time.monotonic() + 5) == b"ping"
+    assert client.group == "X25519MLKEM768"
+    client.abort()
+    server.abort()
