@@ -60,6 +60,7 @@ class CSRReason(enum.Enum):
     BAD_SIGNATURE = "bad-signature"
     WEAK_KEY = "weak-key"
     IDENTITY_MISMATCH = "identity-mismatch"
+    KEY_MISMATCH = "key-mismatch"  # not the key of the TLS client certificate (enrollment)
 
 
 class CSRRejected(PKIError):

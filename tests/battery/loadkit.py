@@ -65,6 +65,14 @@ def threads(pid: int) -> int:
     return _status_field(pid, "Threads")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time the process has used, in seconds."""
+    import os
+
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def raise_nofile(want: int) -> int:
     """Raise this process's soft descriptor limit to ``want`` (at most the hard limit); children inherit it."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

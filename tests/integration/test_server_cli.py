@@ -175,9 +175,10 @@ def test_csr_for_another_identity_refused(server: Server) -> None:
     js = parse(server.token("honest"))
     from tapproof import identity
 
-    bad = csr.build(keys.generate(), identity.host_id("example.org", "admin-box")).decode()
+    key = keys.generate()
+    bad = csr.build(key, identity.host_id("example.org", "admin-box")).decode()
     with pytest.raises(APIError) as ei:
-        enroll_pinned(js.servers, js.trust_domain, js.fingerprint, {"token": js.secret, "csr": bad})
+        enroll_pinned(js.servers, js.trust_domain, js.fingerprint, {"token": js.secret, "csr": bad}, key)
     assert ei.value.status == 400
     assert ei.value.code == "csr-identity-mismatch"
     assert "csr-identity-mismatch" in server.log()
@@ -325,12 +326,15 @@ def test_enrollment_refused_is_logged_and_counted(server: Server) -> None:
     js = parse(server.token("counted"))
     before = _metric(server, "tapproof_server_enrollments_refused_total", reason="unknown-token")
     with pytest.raises(APIError) as ei:
-        enroll_pinned(js.servers, js.trust_domain, js.fingerprint, {"token": "B" * 43, "csr": "x"})
+        enroll_pinned(js.servers, js.trust_domain, js.fingerprint, {"token": "B" * 43, "csr": "x"}, keys.generate())
     assert ei.value.code == "unknown-token"
     assert _metric(server, "tapproof_server_enrollments_refused_total", reason="unknown-token") == before + 1
 
 
 def test_only_enrollment_and_bundle_are_public(server: Server, tmp_path: Path) -> None:
+    from OpenSSL import SSL
+
+    from tapproof.control import tlsctx
     from tapproof.control.client import APIClient
     from tapproof.tls import context
     from tapproof.tls.credentials import TrustBundle
@@ -339,12 +343,25 @@ def test_only_enrollment_and_bundle_are_public(server: Server, tmp_path: Path) -
     enroll(tmp_path / "a", server.token("bundle-reader"))
     bundle = TrustBundle.from_pem(AgentPaths(tmp_path / "a").bundle.read_bytes())
     anonymous = APIClient([server.address], "example.org", lambda: context.client_context(None, bundle), timeout=5)
-    assert "BEGIN CERTIFICATE" in anonymous.get("/v1/bundle")["bundle"]
+    before = _metric(server, "tapproof_server_handshakes_failed_total", reason="no-certificate")
+    with pytest.raises((TransportError, PeerRejected)):  # no client certificate: the handshake fails
+        anonymous.get("/v1/bundle")
+    assert _metric(server, "tapproof_server_handshakes_failed_total", reason="no-certificate") == before + 1
+
+    def bootstrap_ctx() -> SSL.Context:  # a self-signed certificate, as an enrolling agent presents
+        ctx = context.client_context(None, bundle)
+        key = keys.generate()
+        ctx.use_certificate(tlsctx.bootstrap_certificate(key))
+        ctx.use_privatekey(key)
+        return ctx
+
+    bootstrap = APIClient([server.address], "example.org", bootstrap_ctx, timeout=5)
+    assert "BEGIN CERTIFICATE" in bootstrap.get("/v1/bundle")["bundle"]
     for path in ("/v1/healthz", "/v1/openapi.json", "/v1/policy", "/v1/status"):
         with pytest.raises(APIError) as ei:
-            anonymous.get(path)
+            bootstrap.get(path)
         assert ei.value.status == 403
-        assert ei.value.code == "no-client-certificate"
+        assert ei.value.code == "bootstrap-certificate"
 
 
 def test_keepalive_connection_is_cut_after_revocation(server: Server, tmp_path: Path) -> None:
@@ -390,3 +407,18 @@ def test_keepalive_connection_is_cut_after_revocation(server: Server, tmp_path: 
         assert "peer-refused-mid-connection" in _log_since(server, offset)
     finally:
         stream.abort()
+
+
+def test_enrollment_bound_to_the_tls_key(server: Server, tmp_path: Path) -> None:
+    """The CSR must be for the key of the bootstrap certificate the client presented: a token
+    cannot be redeemed for a key the TLS client does not hold, and such a try spends nothing."""
+    js = parse(server.token("bound"))
+    before = _metric(server, "tapproof_server_enrollments_refused_total", reason="csr-key-mismatch")
+    body = {"token": js.secret, "csr": csr.build(keys.generate(), None).decode()}
+    with pytest.raises(APIError) as ei:
+        enroll_pinned(js.servers, js.trust_domain, js.fingerprint, body, keys.generate())  # another key in TLS
+    assert ei.value.status == 400
+    assert ei.value.code == "csr-key-mismatch"
+    assert _metric(server, "tapproof_server_enrollments_refused_total", reason="csr-key-mismatch") == before + 1
+    assert "csr-key-mismatch" in server.log()
+    enroll(tmp_path / "a", js.encode())  # the token was not spent

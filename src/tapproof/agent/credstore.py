@@ -24,7 +24,7 @@ from OpenSSL import SSL
 from tapproof.agent.state import AgentPaths, load_bundle, load_credentials
 from tapproof.logs import log_event
 from tapproof.pki import certs
-from tapproof.tls import context
+from tapproof.tls import context, unsafe
 from tapproof.tls.credentials import Credentials, TrustBundle
 
 log = logging.getLogger(__name__)
@@ -67,24 +67,29 @@ class Material:
         return self.creds.not_after
 
     @classmethod
-    def build(cls, creds: Credentials, bundle: TrustBundle) -> Material:
-        """Build both contexts (raises on anything unusable: nothing is swapped then)."""
-        return cls(
-            creds,
-            bundle,
-            context.server_context(creds, bundle, require_client_cert=True, hook=_verify_hook),
-            context.client_context(creds, bundle, hook=_verify_hook),
-            certs.serial_hex(creds.leaf),
-        )
+    def build(cls, creds: Credentials, bundle: TrustBundle, *, unsafe_classical_groups: bool = False) -> Material:
+        """Build both contexts (raises on anything unusable: nothing is swapped then).
+
+        ``unsafe_classical_groups`` (``--unsafe-classical-groups``) lets both also
+        negotiate classical groups (see :mod:`tapproof.tls.unsafe`)."""
+        server_ctx = context.server_context(creds, bundle, require_client_cert=True, hook=_verify_hook)
+        client_ctx = context.client_context(creds, bundle, hook=_verify_hook)
+        if unsafe_classical_groups:
+            unsafe.allow_classical_groups(server_ctx)
+            unsafe.allow_classical_groups(client_ctx)
+        return cls(creds, bundle, server_ctx, client_ctx, certs.serial_hex(creds.leaf))
 
 
 class CredStore:
     """Holds the current :class:`Material`; readers never lock, writers swap under a lock."""
 
-    def __init__(self, paths: AgentPaths) -> None:
+    def __init__(self, paths: AgentPaths, *, unsafe_classical_groups: bool = False) -> None:
         self.paths = paths
+        self.unsafe_classical_groups = unsafe_classical_groups
         self._lock = threading.Lock()
-        self._material = Material.build(load_credentials(paths), load_bundle(paths))
+        self._material = Material.build(
+            load_credentials(paths), load_bundle(paths), unsafe_classical_groups=unsafe_classical_groups
+        )
         self.generation = 1
         """Bumped on every swap."""
 
@@ -101,7 +106,9 @@ class CredStore:
         """Build new material from ``creds``/``bundle`` (default: the current ones) and swap it in."""
         with self._lock:
             old = self._material
-            new = Material.build(creds or old.creds, bundle or old.bundle)
+            new = Material.build(
+                creds or old.creds, bundle or old.bundle, unsafe_classical_groups=self.unsafe_classical_groups
+            )
             self._material = new
             self.generation += 1
         log_event(

@@ -50,7 +50,7 @@ from tapproof.agent.config import AgentConfig, Route
 from tapproof.agent.credstore import CredStore
 from tapproof.agent.enroll import enroll
 from tapproof.agent.inbound import InboundHandler
-from tapproof.agent.metrics import refused
+from tapproof.agent.metrics import UNSAFE_CLASSICAL_GROUPS, refused
 from tapproof.agent.outbound import RouteHandler, TransparentHandler
 from tapproof.agent.plaininbound import PlainInbound
 from tapproof.agent.policycache import PolicyCache
@@ -62,6 +62,7 @@ from tapproof.errors import ConfigError, TapproofError
 from tapproof.fsutil import ensure_private_dir, write_atomic
 from tapproof.listener import Listener, bind
 from tapproof.logs import log_event
+from tapproof.tls import unsafe
 from tapproof.units import format_hostport, parse_hostport
 
 log = logging.getLogger(__name__)
@@ -94,7 +95,7 @@ class Agent:
         self.config_file = config_file
         self.overrides = overrides
         ident = load_identity(self.paths)
-        creds = CredStore(self.paths)
+        creds = CredStore(self.paths, unsafe_classical_groups=cfg.unsafe_classical_groups)
         sid = creds.current.creds.spiffe_id
         if sid.name != ident.host:
             raise ConfigError(f"--data-dir: certificate is for {sid}, agent.toml says host {ident.host}")
@@ -151,6 +152,9 @@ class Agent:
             self.admin.start()
         self.sync.start()
         self._write_run_file()
+        UNSAFE_CLASSICAL_GROUPS.set(1 if cfg.unsafe_classical_groups else 0)
+        if cfg.unsafe_classical_groups:
+            log_event(log, "unsafe-classical-groups", level=logging.WARNING, warning=unsafe.WARNING)
         log_event(
             log,
             "agent-started",
@@ -280,6 +284,7 @@ class Agent:
             "tunnel": rt.tunnel_address,
             "advertise": rt.advertise,
             "mode": rt.config.mode,
+            "unsafe_classical_groups": rt.config.unsafe_classical_groups,
             "transparent": self.transparent.address if self.transparent else None,
             "inbound": self.plain.address if self.plain else None,
             "protected_ports": list(self.plain_handler.protected_ports) if self.plain_handler else [],

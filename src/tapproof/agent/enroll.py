@@ -39,7 +39,7 @@ def enroll(data_dir: Path, join: str, *, algorithm: keys.Algorithm = "ecdsa-p256
         raise ConfigError(f"--data-dir: {paths.root} is not a directory")
     key = keys.generate(algorithm)
     resp = enroll_pinned(
-        js.servers, js.trust_domain, js.fingerprint, {"token": js.secret, "csr": csr.build(key, None).decode()}
+        js.servers, js.trust_domain, js.fingerprint, {"token": js.secret, "csr": csr.build(key, None).decode()}, key
     )
     now = dt.datetime.now(dt.UTC)
     try:

@@ -15,6 +15,7 @@ __all__ = [
     "RENEWALS",
     "TUNNELS",
     "TUNNELS_ACTIVE",
+    "UNSAFE_CLASSICAL_GROUPS",
     "refused",
 ]
 
@@ -32,6 +33,9 @@ HANDSHAKE_SECONDS = Histogram(
 )
 CONTROL_PLANE_UP = Gauge("tapproof_agent_control_plane_up", "1 when the last control-plane call succeeded")
 CERT_EXPIRY = Gauge("tapproof_agent_certificate_expiry_seconds", "Seconds until this agent's certificate expires")
+UNSAFE_CLASSICAL_GROUPS = Gauge(
+    "tapproof_agent_unsafe_classical_groups", "1 when --unsafe-classical-groups lets classical key exchange in"
+)
 RENEWALS = Counter("tapproof_agent_renewals", "Certificate renewals, by result", ["result"])
 
 

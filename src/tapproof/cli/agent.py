@@ -84,6 +84,13 @@ def register(sub: Any) -> None:
         default=None,
         help="allow --route listeners on non-loopback addresses (others could use this host's identity)",
     )
+    sp.add_argument(
+        "--unsafe-classical-groups",
+        action="store_true",
+        default=None,
+        help="also accept classical key exchange (X25519, P-256) on the tunnel port, for scanners without "
+        "ML-KEM; logged at warning, shown in /status and metrics; never use it on a production link",
+    )
     sp.set_defaults(func=cmd_run, daemon=True)
 
 
@@ -119,5 +126,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         "idle_timeout": args.idle_timeout,
         "unsafe_service_target": args.unsafe_service_target,
         "unsafe_route_listen": args.unsafe_route_listen,
+        "unsafe_classical_groups": args.unsafe_classical_groups,
     }
     return daemon.run(args.data_dir, args.join, args.config, overrides)

@@ -48,6 +48,13 @@ def register(sub: Any) -> None:
     sp.add_argument("--advertise", action="append", help="address agents dial (repeatable)")
     sp.add_argument("--leaf-ttl", help="lifetime of host certificates")
     sp.add_argument("--metrics", help="Prometheus address (default 127.0.0.1:7446; '' disables)")
+    sp.add_argument(
+        "--unsafe-classical-groups",
+        action="store_true",
+        default=None,
+        help="also accept classical key exchange (X25519, P-256) on the API port, for scanners without "
+        "ML-KEM; logged at warning, shown in status and metrics; never use it in production",
+    )
     sp.set_defaults(func=cmd_run, daemon=True)
 
     sp = ssub.add_parser("migrate", help="bring the database schema up to date")
@@ -163,6 +170,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         "leaf_ttl": args.leaf_ttl,
         "metrics": args.metrics,
         "advertise": args.advertise,
+        "unsafe_classical_groups": args.unsafe_classical_groups,
     }
     return runner.run(args.data_dir, overrides, SystemClock())
 

@@ -57,6 +57,7 @@ class Request:
     source: str
     if_none_match: str = ""
     peer_serial: str = ""  # serial (hex) of the certificate the peer presented
+    peer_key: bytes = b""  # SPKI DER of the key of the peer's TLS certificate (identity or bootstrap)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,7 +130,8 @@ def _issued(cp: ControlPlane, issued: Any) -> Response:
 
 def h_enroll(cp: ControlPlane, req: Request, _m: re.Match[str]) -> Response:
     body = _json(req)
-    return _issued(cp, cp.enroll(_str(body, "token"), _str(body, "csr"), req.source))
+    # the CSR must be for the key the client proved in the TLS handshake (b"" never matches)
+    return _issued(cp, cp.enroll(_str(body, "token"), _str(body, "csr"), req.source, tls_key=req.peer_key))
 
 
 def h_renew(cp: ControlPlane, req: Request, _m: re.Match[str]) -> Response:
@@ -315,7 +317,7 @@ def handle(cp: ControlPlane, req: Request) -> Response:
             continue
         route = pattern.pattern
         if not _authorized(auth, req.peer):
-            reason = "no-client-certificate" if req.peer is None else "not-authorized"
+            reason = "bootstrap-certificate" if req.peer is None else "not-authorized"
             REFUSED.labels(reason).inc()
             REQUESTS.labels(route, "403").inc()
             log_event(

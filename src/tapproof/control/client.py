@@ -1,7 +1,8 @@
 """API client: one HTTP/1.1 request per TLS connection (h11), failover across servers.
 
 The server must prove ``spiffe://TD/tapproof/server`` with a chain to the
-trust bundle; enrollment uses the pinned-root bootstrap instead (no bundle yet).
+trust bundle; enrollment uses the pinned-root bootstrap instead (no bundle yet), and
+presents a self-signed bootstrap certificate for the key of its CSR.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ import h11
 from OpenSSL import SSL
 
 from tapproof import identity
+from tapproof.control import tlsctx
 from tapproof.errors import APIError, PeerRejected, TransportError
-from tapproof.tls import context, pinning
+from tapproof.pki.keys import PrivateKey
+from tapproof.tls import pinning
 from tapproof.tls.peer import check_peer
 from tapproof.tls.stream import TLSStream, connect
 from tapproof.units import parse_hostport
@@ -180,16 +183,25 @@ def _call_any(
 
 
 def enroll_pinned(
-    servers: Sequence[str], trust_domain: str, fingerprint: str, body: dict[str, Any], *, timeout: float = 10.0
+    servers: Sequence[str],
+    trust_domain: str,
+    fingerprint: str,
+    body: dict[str, Any],
+    key: PrivateKey,
+    *,
+    timeout: float = 10.0,
 ) -> Any:
     """POST /v1/enroll to the first server whose chain ends at the pinned root.
 
-    The pinned-root check runs before the request (and its join secret) is sent.
+    The client presents a self-signed bootstrap certificate for ``key``, the key of
+    the CSR in ``body`` (the server requires a client certificate on every connection
+    and binds the enrollment to it). The pinned-root check runs before the request
+    (and its join secret) is sent.
     """
 
     def verify(stream: TLSStream) -> None:
         pinning.verify_pinned(stream, fingerprint, trust_domain, dt.datetime.now(dt.UTC))
 
-    return _call_any(servers, context.pinning_client_context, verify, "POST", "/v1/enroll", body, (), timeout=timeout)[
-        2
-    ]
+    return _call_any(
+        servers, lambda: tlsctx.bootstrap_client_context(key), verify, "POST", "/v1/enroll", body, (), timeout=timeout
+    )[2]

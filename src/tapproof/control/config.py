@@ -20,7 +20,7 @@ from tapproof.units import format_duration, parse_duration, parse_hostport
 
 DEFAULT_LISTEN = "127.0.0.1:7443"
 DEFAULT_METRICS = "127.0.0.1:7446"
-_KEYS = ("trust_domain", "db", "listen", "advertise", "leaf_ttl", "metrics")
+_KEYS = ("trust_domain", "db", "listen", "advertise", "leaf_ttl", "metrics", "unsafe_classical_groups")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +34,7 @@ class ServerConfig:
     advertise: tuple[str, ...] = ()  # addresses put into join strings; default: the listen address
     leaf_ttl: dt.timedelta = dt.timedelta(hours=1)
     metrics: str = DEFAULT_METRICS  # "" disables the Prometheus endpoint
+    unsafe_classical_groups: bool = False  # run-time only (flag/env), never written by init
 
     def __post_init__(self) -> None:
         check_trust_domain(self.trust_domain)
@@ -64,6 +65,15 @@ class ServerConfig:
             f"metrics = {json.dumps(self.metrics)}",
         ]
         write_atomic(self.path, ("\n".join(lines) + "\n").encode(), mode=0o600)
+
+
+def _flag(value: Any, what: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text not in ("1", "0", "true", "false", "yes", "no", ""):
+        raise ConfigError(f"{what}: {value!r} is not true or false")
+    return text in ("1", "true", "yes")
 
 
 def default_db(data_dir: Path) -> str:
@@ -101,6 +111,7 @@ def load(data_dir: Path, overrides: dict[str, Any] | None = None) -> ServerConfi
             advertise=tuple(str(a) for a in advertise),
             leaf_ttl=parse_duration(str(raw.get("leaf_ttl", "1h")), what="leaf_ttl"),
             metrics=str(raw.get("metrics", DEFAULT_METRICS)),
+            unsafe_classical_groups=_flag(raw.get("unsafe_classical_groups", False), "--unsafe-classical-groups"),
         )
     except KeyError as exc:
         raise ConfigError(f"{path}: missing key {exc.args[0]}") from exc

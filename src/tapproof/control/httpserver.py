@@ -1,4 +1,5 @@
-"""The API server shell: TCP accept, TLS 1.3 + X25519MLKEM768 handshake with a deadline,
+"""The API server shell: TCP accept, TLS 1.3 + X25519MLKEM768 handshake with a deadline
+(a client certificate required: an identity or a bootstrap one, see ``control.tlsctx``),
 peer checks, then HTTP/1.1 via h11 (keep-alive), one thread per connection (bounded).
 
 The logic is in ``control.api``/``control.service``; this module owns the connections.
@@ -20,14 +21,11 @@ import h11
 from OpenSSL import SSL
 from prometheus_client import Counter, Gauge
 
-from tapproof import identity
-from tapproof.control import api
+from tapproof.control import api, tlsctx
 from tapproof.control.service import ControlPlane
 from tapproof.errors import PeerRejected, StoreError, TransportError
 from tapproof.listener import Listener
 from tapproof.logs import log_event
-from tapproof.pki import certs
-from tapproof.tls.peer import check_peer
 from tapproof.tls.stream import TLSStream
 from tapproof.units import format_hostport
 
@@ -78,14 +76,16 @@ class APIServer:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             stream = TLSStream.server(self.ctx_factory(), conn)
             unavailable: StoreError | None = None
+            peer: tlsctx.APIPeer | None = None
+            tlsctx.take_verify_error()
             try:
                 stream.handshake(time.monotonic() + HANDSHAKE_TIMEOUT)
                 peer = self._peer(stream)
             except StoreError as exc:
                 # revocations cannot be read: the peer is not trusted, and it gets 503s, nothing else
-                peer, unavailable = None, exc
+                unavailable = exc
             except (PeerRejected, TransportError) as exc:
-                self._refuse(stream, source, exc, "handshake-refused")
+                self._refuse(stream, source, exc, "handshake-refused", tlsctx.take_verify_error())
                 return
             self._http(stream, peer, source, unavailable)
             stream.close()
@@ -97,10 +97,10 @@ class APIServer:
             CONNECTIONS.dec()
 
     @staticmethod
-    def _refuse(stream: TLSStream, source: str, exc: Exception, event: str) -> None:
+    def _refuse(stream: TLSStream, source: str, exc: Exception, event: str, verify_errno: int = 0) -> None:
         """Log and count a refused peer, then abort the connection."""
         if isinstance(exc, PeerRejected):
-            reason = exc.reason.value
+            reason = tlsctx.handshake_reason(exc, verify_errno)
         elif isinstance(exc, StoreError):
             reason = "revocations-unavailable"  # cannot check revocations: fail closed
         else:
@@ -109,24 +109,19 @@ class APIServer:
         log_event(log, event, level=logging.WARNING, reason=reason, source=source, detail=str(exc))
         stream.abort()
 
-    def _peer(self, stream: TLSStream) -> identity.SpiffeID | None:
-        """The verified peer identity (None: no certificate), checked against revocations and the clock.
+    def _peer(self, stream: TLSStream) -> tlsctx.APIPeer:
+        """The verified peer (an identity, or a bootstrap certificate for the public routes),
+        checked against revocations and the clock.
 
         Run at the handshake and again before every request on the connection, so a
         keep-alive connection does not outlive a revocation or the certificate's expiry.
         """
-        if stream.conn.get_peer_certificate() is None:
-            return None  # allowed by the TLS context only for public routes
-        return check_peer(
-            stream,
-            trust_domain=self.cp.td,
-            now=self.cp.clock.now(),
-            usage="client",
-            revoked=self.cp.revoked_serials(),
+        return tlsctx.authenticate(
+            stream, trust_domain=self.cp.td, now=self.cp.clock.now(), revoked=self.cp.revoked_serials()
         )
 
     def _http(
-        self, stream: TLSStream, peer: identity.SpiffeID | None, source: str, unavailable: StoreError | None = None
+        self, stream: TLSStream, peer: tlsctx.APIPeer | None, source: str, unavailable: StoreError | None = None
     ) -> None:
         """Serve requests until the peer closes; with ``unavailable`` set, every answer is a 503."""
         h = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
@@ -142,7 +137,7 @@ class APIServer:
                 return
             if req is None:
                 return
-            if peer is not None and unavailable is None:
+            if peer is not None and not peer.bootstrap and unavailable is None:
                 try:
                     self._peer(stream)
                 except StoreError as exc:
@@ -170,7 +165,7 @@ class APIServer:
             h.receive_data(stream.recv(65536, deadline))
 
     def _read_request(
-        self, h: h11.Connection, stream: TLSStream, peer: identity.SpiffeID | None, source: str
+        self, h: h11.Connection, stream: TLSStream, peer: tlsctx.APIPeer | None, source: str
     ) -> api.Request | None:
         deadline = time.monotonic() + IDLE_TIMEOUT
         event = self._next(h, stream, deadline)
@@ -195,16 +190,16 @@ class APIServer:
                 raise h11.RemoteProtocolError("unexpected event", error_status_hint=400)
         url = urllib.parse.urlsplit(event.target.decode("ascii", "replace"))
         query = dict(urllib.parse.parse_qsl(url.query))
-        leaf = stream.conn.get_peer_certificate(as_cryptography=True) if peer is not None else None
         return api.Request(
-            peer_serial=certs.serial_hex(leaf) if leaf is not None else "",
+            peer_serial=peer.serial if peer is not None and not peer.bootstrap else "",
             method=event.method.decode("ascii", "replace"),
             path=url.path,
             query=query,
             body=bytes(body),
-            peer=peer,
+            peer=peer.spiffe_id if peer is not None else None,
             source=source,
             if_none_match=headers.get("if-none-match", ""),
+            peer_key=peer.key if peer is not None else b"",
         )
 
     def _send(self, h: h11.Connection, stream: TLSStream, resp: api.Response) -> None:

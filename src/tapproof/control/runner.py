@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from OpenSSL import SSL
-from prometheus_client import start_http_server
+from prometheus_client import Gauge, start_http_server
 
 from tapproof import identity
 from tapproof.clock import Clock
-from tapproof.control import admin
+from tapproof.control import admin, tlsctx
 from tapproof.control import config as server_config
 from tapproof.control.httpserver import APIServer
 from tapproof.control.service import ControlPlane, address_list
@@ -26,12 +26,15 @@ from tapproof.logs import log_event
 from tapproof.pki import certs
 from tapproof.pki.ca import load_ca
 from tapproof.store import CertificateRecord, open_store
-from tapproof.tls import context
+from tapproof.tls import unsafe
 from tapproof.tls.credentials import Credentials, TrustBundle
 from tapproof.units import parse_hostport
 
 log = logging.getLogger(__name__)
 SERVER_CERT_LIFETIME = dt.timedelta(hours=24)
+UNSAFE_CLASSICAL_GROUPS = Gauge(
+    "tapproof_server_unsafe_classical_groups", "1 when --unsafe-classical-groups lets classical key exchange in"
+)
 
 
 class ServerCredentials:
@@ -65,7 +68,7 @@ class ServerCredentials:
             )
         )
         bundle = TrustBundle.from_pem(cp.bundle_pem().encode())
-        ctx = context.server_context(full, bundle, require_client_cert=False)
+        ctx = tlsctx.api_server_context(full, bundle, unsafe_classical_groups=cp.config.unsafe_classical_groups)
         with self._lock:
             self._creds, self._ctx = full, ctx
         log_event(log, "server-credentials", serial=certs.serial_hex(leaf), not_after=leaf.not_valid_after_utc)
@@ -122,6 +125,9 @@ def run(data_dir: Path, overrides: dict[str, Any], clock: Clock) -> int:
                 log.exception("server-credentials-refresh-failed", extra={"event": "server-credentials-failed"})
 
     threading.Thread(target=maintain, daemon=True, name="maintain").start()
+    UNSAFE_CLASSICAL_GROUPS.set(1 if cfg.unsafe_classical_groups else 0)
+    if cfg.unsafe_classical_groups:
+        log_event(log, "unsafe-classical-groups", level=logging.WARNING, warning=unsafe.WARNING)
     log_event(
         log,
         "server-started",

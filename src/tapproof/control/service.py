@@ -19,7 +19,16 @@ from tapproof import identity
 from tapproof.clock import Clock
 from tapproof.control.config import ServerConfig
 from tapproof.control.joinstring import JoinString, hash_secret, new_secret
-from tapproof.errors import ConfigError, EnrollmentRefused, NotFound, PeerReason, PeerRejected, TokenReason
+from tapproof.errors import (
+    ConfigError,
+    CSRReason,
+    CSRRejected,
+    EnrollmentRefused,
+    NotFound,
+    PeerReason,
+    PeerRejected,
+    TokenReason,
+)
 from tapproof.logs import log_event
 from tapproof.pki import certs, csr
 from tapproof.pki.ca import LocalCA
@@ -116,11 +125,19 @@ class ControlPlane:
         js = JoinString(tuple(self.server_addresses), self.td, self.ca.root_fingerprint, secret)
         return js.encode()
 
-    def enroll(self, secret: str, csr_pem: str, source: str) -> Issued:
-        """Redeem a token with a CSR; the identity comes from the token, never the CSR."""
+    def enroll(self, secret: str, csr_pem: str, source: str, tls_key: bytes | None = None) -> Issued:
+        """Redeem a token with a CSR; the identity comes from the token, never the CSR.
+
+        ``tls_key`` (SPKI DER) is the key of the certificate the client presented on this
+        TLS connection (the API shell always passes it): the CSR must be for that key, so
+        the token is redeemed by whoever proved possession of it in the handshake. Checked
+        before the token is looked at: a mismatch spends nothing.
+        """
         if not isinstance(secret, str) or not 20 <= len(secret) <= 128:
             ENROLL_REFUSED.labels(TokenReason.UNKNOWN.value).inc()
             raise EnrollmentRefused(TokenReason.UNKNOWN)
+        if tls_key is not None:
+            self._check_bound(csr_pem, tls_key, source)
         now = self.clock.now()
         issued: dict[str, Any] = {}
 
@@ -141,6 +158,25 @@ class ControlPlane:
         self.audit("token:" + hash_secret(secret)[:12], "enroll", host=token.host, serial=record.serial, source=source)
         log_event(log, "enrolled", host=token.host, serial=record.serial, source=source)
         return self._issued(issued["chain"])
+
+    @staticmethod
+    def _check_bound(csr_pem: str, tls_key: bytes, source: str) -> None:
+        """Refuse a CSR whose key is not the TLS client certificate's key (CSRRejected KEY_MISMATCH)."""
+        try:
+            asked = csr.public_key_der(csr_pem)
+        except CSRRejected as exc:
+            ENROLL_REFUSED.labels("csr-" + exc.reason.value).inc()
+            raise
+        if asked != tls_key:
+            ENROLL_REFUSED.labels("csr-" + CSRReason.KEY_MISMATCH.value).inc()
+            log_event(
+                log,
+                "enroll-refused",
+                level=logging.WARNING,
+                reason="csr-" + CSRReason.KEY_MISMATCH.value,
+                source=source,
+            )
+            raise CSRRejected(CSRReason.KEY_MISMATCH, "the csr is not for the key of the TLS client certificate")
 
     def _issued(self, chain: tuple[Any, ...]) -> Issued:
         return Issued(
@@ -298,6 +334,7 @@ class ControlPlane:
             ],
             "default_policy": self.store.get_setting("default_policy", "allow"),
             "addresses": self.server_addresses,
+            "unsafe_classical_groups": self.config.unsafe_classical_groups,
         }
 
 

@@ -78,3 +78,15 @@ def check(pem: bytes | str, expected: SpiffeID) -> PublicKey:
             f"csr asks for {', '.join(asked) or 'nothing'}, token is for {expected}",
         )
     return key
+
+
+def public_key_der(pem: bytes | str) -> bytes:
+    """The SubjectPublicKeyInfo DER of a CSR's key (signature not checked: :func:`check` does that)."""
+    data = pem.encode() if isinstance(pem, str) else pem
+    if len(data) > MAX_CSR_BYTES:
+        raise CSRRejected(CSRReason.MALFORMED, f"csr larger than {MAX_CSR_BYTES} bytes")
+    try:
+        key = x509.load_pem_x509_csr(data).public_key()
+        return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    except (ValueError, TypeError) as exc:
+        raise CSRRejected(CSRReason.MALFORMED, "not a PEM certificate signing request") from exc

@@ -19,6 +19,7 @@ from typing import TypeVar
 from OpenSSL import SSL
 
 from tapproof.errors import HandshakeTimeout, PeerReason, PeerRejected, TransportError
+from tapproof.tls import unsafe
 from tapproof.tls.context import PQ_GROUP, negotiated_group
 
 T = TypeVar("T")
@@ -76,12 +77,12 @@ class TLSStream:
 
     def require_pq(self) -> None:
         """Fail closed unless TLS 1.3 with X25519MLKEM768 was negotiated (belt and braces:
-        the contexts offer nothing else)."""
+        the contexts offer nothing else, unless made unsafe by ``tls.unsafe``)."""
         version = self.conn.get_protocol_version_name()
         if version != "TLSv1.3":
             raise PeerRejected(PeerReason.NOT_TLS13, f"negotiated {version}")
         group = negotiated_group(self.conn)
-        if group != PQ_GROUP:
+        if group != PQ_GROUP and not (group and unsafe.classical_allowed(self.conn.get_context())):
             raise PeerRejected(PeerReason.NOT_PQ, f"negotiated group {group or 'unknown'}, {PQ_GROUP} required")
 
     @property
