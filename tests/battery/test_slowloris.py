@@ -10,7 +10,8 @@ For :data:`DURATION` seconds, against agent ``b``'s tunnel port:
 
 Asserted: >= 99% of the legitimate tunnels succeed, their p99 setup time is
 <= 250 ms (judged only when the machine is quiet: a p99 without attack, measured
-first, under 50 ms; otherwise that one check skips, saying why); every stuck socket is dropped at the agent's handshake deadline
+first, under 50 ms; otherwise that one check skips, saying why); every stuck
+socket is dropped at the agent's handshake deadline
 (:data:`tapproof.agent.inbound.HANDSHAKE_TIMEOUT`, counted from accept, so a
 trickle of bytes does not extend it) and none outlives it by more than
 :data:`REAP_SLACK`; the flood ran at >= 90% of its rate; no backend
@@ -199,7 +200,8 @@ def test_slowloris_and_flood_leave_real_tunnels_working(bed: loadkit.Bed, tmp_pa
 
     start = time.monotonic()
     until = start + DURATION
-    cpu0 = {name: loadkit.cpu_seconds(p) for name, p in (("a", bed.a.proc.pid), ("b", pid), ("test", os.getpid()))}
+    pids = {"a": bed.a.proc.pid, "b": pid, "test": os.getpid()}
+    cpu0 = {n: loadkit.cpu_seconds(p) for n, p in pids.items()}
     load0 = os.getloadavg()[0]
     stuck = Stuck(bed.b.tunnel, SILENT, TRICKLE, until)
     flood = _start_flood(bed, tmp_path)
@@ -210,7 +212,7 @@ def test_slowloris_and_flood_leave_real_tunnels_working(bed: loadkit.Bed, tmp_pa
         stuck_thread.join(DURATION + 10)
         oldest = stuck.oldest()
         flood_cpu = loadkit.cpu_seconds(flood.pid)
-        cpu = {n: loadkit.cpu_seconds(p) - cpu0[n] for n, p in (("a", bed.a.proc.pid), ("b", pid), ("test", os.getpid()))}
+        cpu = {n: loadkit.cpu_seconds(p) - cpu0[n] for n, p in pids.items()}
         out, _ = flood.communicate(timeout=DURATION + 30)
     finally:
         stuck.close()
