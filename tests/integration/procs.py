@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -29,6 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from tapproof.control import config as server_config
 from tests.helpers import free_port
 
 
@@ -158,19 +160,43 @@ def _start_server_proc(
         time.sleep(0.3)  # retry: the address may still be held by the killed process
 
 
-def init_server(data_dir: Path, td: str = "example.org", leaf_ttl: str = "1h") -> str:
+def init_server(data_dir: Path, td: str = "example.org", leaf_ttl: str = "1h", db: str | None = None) -> str:
     """``tapproof server init`` with a fixed free port (so a restart reuses it); return the listen address."""
     listen = f"127.0.0.1:{free_port()}"
     res = tapproof(
-        "server", "init", "--data-dir", str(data_dir), "--trust-domain", td, "--listen", listen, "--leaf-ttl", leaf_ttl
-    )
+        "server", "init", "--data-dir", str(data_dir), "--trust-domain", td, "--listen", listen, "--leaf-ttl", leaf_ttl,
+        *(["--db", db] if db else []),
+    )  # fmt: skip
     assert res.returncode == 0, res.stderr
     return listen
 
 
-def start_server(data_dir: Path, td: str = "example.org", leaf_ttl: str = "1h") -> ServerProc:
-    """Init and run a server on 127.0.0.1."""
-    listen = init_server(data_dir, td, leaf_ttl)
+def start_server(data_dir: Path, td: str = "example.org", leaf_ttl: str = "1h", db: str | None = None) -> ServerProc:
+    """Init and run a server on 127.0.0.1 (``db``: a ``postgresql://`` URL instead of SQLite in the data dir)."""
+    listen = init_server(data_dir, td, leaf_ttl, db)
+    log_path = data_dir.parent / f"{data_dir.name}.log"
+    metrics = f"127.0.0.1:{free_port()}"
+    return ServerProc(data_dir, listen, _start_server_proc(data_dir, listen, log_path, metrics), log_path, metrics)
+
+
+def init_peer_server(first: Path, data_dir: Path) -> str:
+    """Set up a second server for the same database and trust domain as the one in ``first``; return its listen address.
+
+    The ONE place tests make a second server. Until ``server init --join-cluster``
+    exists it copies the first server's CA and configuration (same database URL,
+    own listen port and data dir).
+    """
+    cfg = server_config.load(first)
+    listen = f"127.0.0.1:{free_port()}"
+    data_dir.mkdir(mode=0o700, parents=True)
+    shutil.copytree(first / "ca", data_dir / "ca")
+    dataclasses.replace(cfg, data_dir=data_dir, listen=listen, advertise=()).save()
+    return listen
+
+
+def start_peer_server(first: ServerProc, data_dir: Path) -> ServerProc:
+    """Run a second server on ``first``'s database (see :func:`init_peer_server`)."""
+    listen = init_peer_server(first.data_dir, data_dir)
     log_path = data_dir.parent / f"{data_dir.name}.log"
     metrics = f"127.0.0.1:{free_port()}"
     return ServerProc(data_dir, listen, _start_server_proc(data_dir, listen, log_path, metrics), log_path, metrics)

@@ -123,7 +123,7 @@ def _issued(cp: ControlPlane, issued: Any) -> Response:
             "bundle": issued.bundle_pem,
             "not_after": issued.not_after.isoformat(),
             "serial": issued.serial,
-            "servers": cp.server_addresses,
+            "servers": cp.known_servers(),
         },
     )
 

@@ -20,7 +20,7 @@ from tapproof.control import admin, tlsctx
 from tapproof.control import config as server_config
 from tapproof.control.httpserver import APIServer
 from tapproof.control.service import ControlPlane, address_list
-from tapproof.errors import ConfigError, TransportError
+from tapproof.errors import ConfigError, StoreError, TransportError
 from tapproof.listener import bind
 from tapproof.logs import log_event
 from tapproof.pki import certs
@@ -116,8 +116,14 @@ def run(data_dir: Path, overrides: dict[str, Any], clock: Clock) -> int:
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
 
+    cp.announce()
+
     def maintain() -> None:
         while not stop.wait(30.0):
+            try:
+                cp.announce()
+            except StoreError as exc:  # the database is down: the store logged it; announce next round
+                log_event(log, "server-announce-failed", level=logging.WARNING, detail=str(exc))
             try:
                 if creds.due():
                     creds.refresh()

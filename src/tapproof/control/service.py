@@ -42,6 +42,10 @@ log = logging.getLogger(__name__)
 ISSUED = Counter("tapproof_server_certificates_issued", "Certificates issued", ["kind"])
 ENROLL_REFUSED = Counter("tapproof_server_enrollments_refused", "Enrollments refused", ["reason"])
 MAX_TOKEN_TTL = dt.timedelta(days=7)
+SERVER_STALE = dt.timedelta(days=1)
+"""A server that has not announced itself for this long drops out of join strings."""
+MAX_SERVERS = 16
+"""At most this many addresses go into a join string (it must stay short enough to paste)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +110,17 @@ class ControlPlane:
             self._revoked_cache = (now_m, fresh)
         return fresh
 
+    # --- servers sharing the database -----------------------------------------
+    def announce(self) -> None:
+        """Record this server's addresses in the store (at start, then periodically)."""
+        for address in self.server_addresses:
+            self.store.register_server(address, self.clock.now())
+
+    def known_servers(self) -> list[str]:
+        """Every server agents may use: this one's addresses first, then the others that announced recently."""
+        others = self.store.list_servers(self.clock.now() - SERVER_STALE)
+        return [*self.server_addresses, *(a for a in others if a not in self.server_addresses)][:MAX_SERVERS]
+
     # --- tokens and enrollment ------------------------------------------------
     def create_token(self, host: str, ttl: dt.timedelta, actor: str) -> str:
         """Make a one-time join string for ``host``; store only its hash."""
@@ -122,7 +137,7 @@ class ControlPlane:
         now = self.clock.now()
         self.store.add_token(TokenRecord(hash_secret(secret), host, now, now + ttl, None, actor))
         self.audit(actor, "token-create", host=host, expires_at=(now + ttl).isoformat())
-        js = JoinString(tuple(self.server_addresses), self.td, self.ca.root_fingerprint, secret)
+        js = JoinString(tuple(self.known_servers()), self.td, self.ca.root_fingerprint, secret)
         return js.encode()
 
     def enroll(self, secret: str, csr_pem: str, source: str, tls_key: bytes | None = None) -> Issued:

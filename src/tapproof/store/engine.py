@@ -21,8 +21,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import random
 import sqlite3
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -60,6 +62,7 @@ RETRIES = 5
 
 _RETRY_SQLSTATES = frozenset({"40001", "40P01"})  # serialization_failure, deadlock_detected
 _WRITE = "tapproof_write"
+_FILE_ID = "tapproof_file_id"
 
 
 def parse_url(url: str) -> URL:
@@ -111,9 +114,22 @@ def make_engine(url: URL) -> sa.Engine:
     )
 
 
+def _file_id(path: str) -> tuple[int, int] | None:
+    """(device, inode) of the database file if it is still there and readable and writable, else None."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if not stat.S_ISREG(st.st_mode) or not os.access(path, os.R_OK | os.W_OK):
+        return None
+    return st.st_dev, st.st_ino
+
+
 def _configure_sqlite(engine: sa.Engine) -> None:
+    path = str(engine.url.database)
+
     @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_conn: sqlite3.Connection, _record: Any) -> None:
+    def _on_connect(dbapi_conn: sqlite3.Connection, record: Any) -> None:
         dbapi_conn.isolation_level = None  # we emit BEGIN ourselves (see _on_begin)
         cursor = dbapi_conn.cursor()
         try:
@@ -123,6 +139,16 @@ def _configure_sqlite(engine: sa.Engine) -> None:
             cursor.execute("PRAGMA synchronous = NORMAL")
         finally:
             cursor.close()
+        record.info[_FILE_ID] = _file_id(path)
+
+    @event.listens_for(engine, "checkout")
+    def _on_checkout(_dbapi_conn: sqlite3.Connection, record: Any, _proxy: Any) -> None:
+        # SQLite's pre-ping: a pooled connection keeps the file it opened, so a database
+        # file moved, replaced or made unreadable would go unnoticed (or serve stale data).
+        # Drop the connection; the pool reconnects to the path (and fails while it is unusable).
+        now = _file_id(path)
+        if now is None or now != record.info.get(_FILE_ID):
+            raise sa.exc.DisconnectionError(f"{path} was moved, replaced or is not readable and writable")
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: sa.Connection) -> None:

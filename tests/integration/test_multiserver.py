@@ -1,0 +1,205 @@
+"""Several `tapproof server` processes on one PostgreSQL: any of them serves any call, correctly under races.
+
+Real server processes, a real private PostgreSQL (tests/pgserver.py), clients in
+threads of this process. The second server comes from ``procs.start_peer_server``.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from tapproof.agent.enroll import enroll
+from tapproof.agent.state import AgentPaths, load_identity
+from tapproof.clock import SystemClock
+from tapproof.control import admin
+from tapproof.control.client import APIClient
+from tapproof.control.joinstring import JoinString, parse
+from tapproof.errors import APIError, TapproofError
+from tapproof.store import SCHEMA_VERSION
+from tapproof.tls import context
+from tapproof.tls.credentials import Credentials, TrustBundle
+from tests.integration import procs
+from tests.integration.procs import ServerProc, tapproof
+from tests.pgserver import PgServer
+
+pytestmark = pytest.mark.integration
+pg = pytest.mark.postgres
+
+
+@pytest.fixture(scope="module")
+def cluster(pg_server: PgServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[ServerProc]]:
+    """Two servers on one fresh PostgreSQL database."""
+    url = pg_server.create_database()
+    tmp = tmp_path_factory.mktemp("cluster")
+    first = procs.start_server(tmp / "s1", db=url)
+    servers = [first]
+    try:
+        servers.append(procs.start_peer_server(first, tmp / "s2"))
+        yield servers
+    finally:
+        for s in servers:
+            s.stop()
+        pg_server.drop_database(url)
+
+
+def _admin(srv: ServerProc) -> APIClient:
+    """An admin client that talks to ``srv`` only."""
+    return admin.admin_client(srv.data_dir, SystemClock(), server=srv.address)
+
+
+def _via(join: str, server: str) -> str:
+    """The same join string, pointing at one server only."""
+    js = parse(join)
+    return JoinString((server,), js.trust_domain, js.fingerprint, js.secret).encode()
+
+
+def _race(n: int, fn: Callable[[int], Any]) -> list[Any]:
+    """Run ``fn(0..n-1)`` in ``n`` threads released at once; return each result or raised TapproofError."""
+    results: list[Any] = [None] * n
+    barrier = threading.Barrier(n)
+
+    def one(i: int) -> None:
+        barrier.wait(30)
+        try:
+            results[i] = fn(i)
+        except TapproofError as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not any(t.is_alive() for t in threads)
+    return results
+
+
+@pg
+def test_data_dir_remembers_the_postgres_url(cluster: list[ServerProc], pg_server: PgServer) -> None:
+    first = cluster[0]
+    assert f"127.0.0.1:{pg_server.port}" in (first.data_dir / "server.toml").read_text()
+    assert "up to date" in first.admin("migrate")
+    assert "hosts" in first.admin("status")
+    assert "rule" in first.admin("policy", "allow", "--from", "host/*", "--to", "remember")
+
+
+@pg
+def test_join_strings_list_every_server_and_agents_keep_the_list(cluster: list[ServerProc], tmp_path: Path) -> None:
+    addresses = {s.address for s in cluster}
+    for srv in cluster:
+        js = parse(srv.token(f"listed-{srv.address.rsplit(':', 1)[1]}"))
+        assert set(js.servers) == addresses
+        assert js.servers[0] == srv.address  # the server asked comes first
+    enroll(tmp_path / "a", _via(cluster[1].token("keeper"), cluster[1].address))
+    assert set(load_identity(AgentPaths(tmp_path / "a")).servers) == addresses
+
+
+@pg
+def test_one_token_redeemed_through_both_servers_succeeds_once(cluster: list[ServerProc], tmp_path: Path) -> None:
+    join = cluster[0].token("race-two")
+    joins = [_via(join, s.address) for s in cluster]
+    n = 60
+    results = _race(n, lambda i: enroll(tmp_path / f"a{i}", joins[i % 2]))
+    wins = [i for i, r in enumerate(results) if isinstance(r, Credentials)]
+    assert len(wins) == 1, results
+    refused = [r for r in results if not isinstance(r, Credentials)]
+    assert all(isinstance(r, APIError) and r.code == "used-token" for r in refused), refused
+    assert [i for i in range(n) if (tmp_path / f"a{i}").exists()] == wins
+    for srv in cluster:  # both servers took part
+        assert srv.log().count("used-token") >= 1
+
+
+@pg
+def test_serials_never_collide_under_concurrent_issuance(cluster: list[ServerProc], tmp_path: Path) -> None:
+    n = 40
+    joins = [_via(_admin(cluster[0]).post("/v1/tokens", {"host": f"burst-{i}"})["join"], cluster[i % 2].address)
+             for i in range(n)]  # fmt: skip
+    enrolled = _race(n, lambda i: enroll(tmp_path / f"h{i}", joins[i]))
+    assert all(isinstance(c, Credentials) for c in enrolled), enrolled
+
+    def renew_via_other(i: int) -> dict[str, Any]:
+        paths = AgentPaths(tmp_path / f"h{i}")
+        creds, bundle = Credentials.load(paths.key, paths.cert), TrustBundle.from_pem(paths.bundle.read_bytes())
+        client = APIClient([cluster[(i + 1) % 2].address], "example.org", lambda: context.client_context(creds, bundle))
+        from tapproof.pki import csr, keys
+
+        return dict(client.post("/v1/renew", {"csr": csr.build(keys.generate("ecdsa-p256"), creds.spiffe_id).decode()}))
+
+    renewed = _race(n, renew_via_other)
+    assert all(isinstance(r, dict) for r in renewed), renewed
+    serials = [format(c.leaf.serial_number, "x") for c in enrolled] + [r["serial"] for r in renewed]
+    assert len(set(serials)) == 2 * n
+    url = procs.server_config.load(cluster[0].data_dir).db
+    engine = sa.create_engine(url.replace("postgresql://", "postgresql+psycopg://"))
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                sa.text("SELECT count(*) FROM certificates WHERE host LIKE 'burst-%' AND kind = 'host'")
+            ).scalar()
+    finally:
+        engine.dispose()
+    assert rows == 2 * n
+
+
+@pg
+def test_concurrent_policy_edits_through_both_are_never_lost(cluster: list[ServerProc]) -> None:
+    clients = [_admin(s) for s in cluster]
+    before = clients[0].get("/v1/policy")
+    n = 30
+
+    def add(i: int) -> int:
+        body = {"action": "allow", "source": f"host/edit-{i}", "service": "svc", "ports": "", "comment": f"e{i}"}
+        return int(clients[i % 2].post("/v1/policy/rules", body)["id"])
+
+    ids = _race(n, add)
+    assert all(isinstance(i, int) for i in ids), ids
+    assert len(set(ids)) == n
+    for client in clients:  # both servers see every rule and the same version
+        after = client.get("/v1/policy")
+        assert {r["comment"] for r in after["rules"]} >= {f"e{i}" for i in range(n)}
+        assert int(after["version"].split("-")[0]) == int(before["version"].split("-")[0]) + n
+
+
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_migrate_and_refuse_a_newer_schema(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    pg_server: PgServer | None = request.getfixturevalue("pg_server") if backend == "postgres" else None
+    db = pg_server.create_database() if pg_server else f"sqlite:///{tmp_path / 'other.db'}"
+    d = tmp_path / "srv"
+    procs.init_server(d)  # its own SQLite; every command below names the other database with --db
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return tapproof("server", *args, "--data-dir", str(d), "--db", db)
+
+    try:
+        res = run("run", "--listen", "127.0.0.1:0", "--metrics", "")
+        assert res.returncode != 0
+        assert "run `tapproof server migrate` first" in res.stderr, res.stderr
+        res = run("migrate")
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.strip() == f"schema version 0 -> {SCHEMA_VERSION}"
+        engine = sa.create_engine(db.replace("postgresql://", "postgresql+psycopg://"))
+        try:
+            with engine.begin() as conn:
+                conn.execute(
+                    sa.text("INSERT INTO tapproof_schema (version, name, applied_at) VALUES (:v, 'future', :t)"),
+                    {"v": SCHEMA_VERSION + 1, "t": "2030-01-01T00:00:00.000000Z"},
+                )
+        finally:
+            engine.dispose()
+        res = run("run", "--listen", "127.0.0.1:0", "--metrics", "")
+        assert res.returncode != 0
+        assert f"schema version {SCHEMA_VERSION + 1}, newer than this tapproof knows" in res.stderr, res.stderr
+        assert len(res.stderr.strip().splitlines()) == 1  # one clear line, no traceback
+        res = run("migrate")
+        assert res.returncode != 0
+        assert "cannot downgrade" in res.stderr
+    finally:
+        if pg_server:
+            pg_server.drop_database(db)
