@@ -4,6 +4,8 @@
              haproxy: throughput, conn/s, latency, CPU per GB, RSS per idle tunnel (``bench/peers/``)
 * ``relay``  the data-plane relay design measurement (``bench/relay_speed.py``)
 * ``audit``  ``tapproof audit pcap`` vs ``tshark -z conv,tcp`` on a generated >= 1 GB capture
+* ``scale``  N simulated agents enroll and renew against 1 and 2 servers on SQLite and PostgreSQL
+             (``bench/scale.py``; not in ``all``: ``python -m bench scale --hosts 10000`` takes a while)
 * ``all``    relay, audit, then peers
 
 Arguments after the names (or after ``--``) go to every named benchmark, e.g.
@@ -15,7 +17,12 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHES = {"peers": "bench.peers.main", "relay": "bench.relay_speed", "audit": "bench.audit_speed"}
+BENCHES = {
+    "peers": "bench.peers.main",
+    "relay": "bench.relay_speed",
+    "audit": "bench.audit_speed",
+    "scale": "bench.scale",
+}
 DEFAULT = ["peers"]
 ALL = ["relay", "audit", "peers"]
 
