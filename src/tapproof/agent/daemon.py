@@ -281,6 +281,7 @@ class Agent:
                 "generation": rt.creds.generation,
             },
             "trust_bundle": list(m.bundle.fingerprints),
+            "expiries": self.sync.expiries() if self.sync is not None else [],
             "tunnel": rt.tunnel_address,
             "advertise": rt.advertise,
             "mode": rt.config.mode,

@@ -8,6 +8,8 @@ from prometheus_client import Counter, Gauge, Histogram
 
 __all__ = [
     "BYTES",
+    "CA_EXPIRY",
+    "CA_WARNING",
     "CERT_EXPIRY",
     "CONTROL_PLANE_UP",
     "HANDSHAKE_SECONDS",
@@ -35,6 +37,14 @@ CONTROL_PLANE_UP = Gauge("tapproof_agent_control_plane_up", "1 when the last con
 CERT_EXPIRY = Gauge("tapproof_agent_certificate_expiry_seconds", "Seconds until this agent's certificate expires")
 UNSAFE_CLASSICAL_GROUPS = Gauge(
     "tapproof_agent_unsafe_classical_groups", "1 when --unsafe-classical-groups lets classical key exchange in"
+)
+CA_EXPIRY = Gauge(
+    "tapproof_agent_ca_expiry_seconds",
+    "Seconds until expiry: leaf, intermediates, roots of the bundle",
+    ["kind", "cert"],
+)
+CA_WARNING = Gauge(
+    "tapproof_agent_ca_expiry_warning", "1 when the expiry warning threshold is crossed", ["kind", "cert"]
 )
 RENEWALS = Counter("tapproof_agent_renewals", "Certificate renewals, by result", ["result"])
 
