@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import subprocess
 import threading
+import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from prometheus_client.parser import text_string_to_metric_families
 
 from tapproof.agent.enroll import enroll
 from tapproof.agent.state import AgentPaths, load_identity
@@ -27,6 +30,7 @@ from tapproof.tls import context
 from tapproof.tls.credentials import Credentials, TrustBundle
 from tests.integration import procs
 from tests.integration.procs import ServerProc, tapproof
+from tests.integration.test_agent_renewal import Stream
 from tests.pgserver import PgServer
 
 pytestmark = pytest.mark.integration
@@ -35,10 +39,10 @@ pg = pytest.mark.postgres
 
 @pytest.fixture(scope="module")
 def cluster(pg_server: PgServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[ServerProc]]:
-    """Two servers on one fresh PostgreSQL database."""
+    """Two servers on one fresh PostgreSQL database (1-minute host certificates, for the outage test)."""
     url = pg_server.create_database()
     tmp = tmp_path_factory.mktemp("cluster")
-    first = procs.start_server(tmp / "s1", db=url)
+    first = procs.start_server(tmp / "s1", db=url, leaf_ttl="1m")
     servers = [first]
     try:
         servers.append(procs.start_peer_server(first, tmp / "s2"))
@@ -165,6 +169,97 @@ def test_concurrent_policy_edits_through_both_are_never_lost(cluster: list[Serve
         after = client.get("/v1/policy")
         assert {r["comment"] for r in after["rules"]} >= {f"e{i}" for i in range(n)}
         assert int(after["version"].split("-")[0]) == int(before["version"].split("-")[0]) + n
+
+
+def _server_metric(srv: ServerProc, name: str, **labels: str) -> float:
+    """One sample from the server's /metrics (0 when absent)."""
+    with urllib.request.urlopen(f"http://{srv.metrics}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    return 0.0
+
+
+def _agent_client(agent: procs.AgentProc, server: str) -> APIClient:
+    """An API client with the agent's current credentials, talking to ``server`` only."""
+    paths = AgentPaths(agent.data_dir)
+    creds, bundle = Credentials.load(paths.key, paths.cert), TrustBundle.from_pem(paths.bundle.read_bytes())
+    return APIClient([server], "example.org", lambda: context.client_context(creds, bundle), timeout=10)
+
+
+def _renewed(agent: procs.AgentProc) -> float:
+    return agent.metric("tapproof_agent_renewals_total", result="success")
+
+
+@pg
+def test_postgres_outage_answers_503_keeps_tunnels_and_recovers_without_restarts(
+    cluster: list[ServerProc], pg_server: PgServer, tmp_path: Path
+) -> None:
+    echo = procs.EchoServer()
+    agents: list[procs.AgentProc] = []
+    try:
+        fast = ("--renew-fraction", "0.1")  # renew every ~6 s: several renewals fall into the outage
+        b = procs.start_agent(
+            tmp_path / "b", cluster[0].token("out-b"), "--service", f"echo=127.0.0.1:{echo.port}", *fast
+        )
+        agents.append(b)
+        a = procs.start_agent(tmp_path / "a", cluster[1].token("out-a"), "--route", "127.0.0.1:0=echo@out-b", *fast)
+        agents.append(a)
+        procs.wait_for(lambda: "out-b" in a.status()["registry_hosts"], 20, "a to learn b")
+        for agent in agents:
+            procs.wait_for(lambda ag=agent: _renewed(ag) >= 1, 30, "a renewal before the outage", step=0.5)
+        stream = Stream(a.route())
+        pids = [p.pid for p in (*(s.proc for s in cluster), *(ag.proc for ag in agents))]
+
+        pg_server.stop()
+        outage_end = time.monotonic() + 20
+        try:
+            for srv in cluster:  # a quick 503 with a reason, not a hang or a 500
+                with pytest.raises(APIError) as ei:
+                    _agent_client(a, srv.address).get("/v1/policy")
+                assert (ei.value.status, ei.value.code) == (503, "store-unavailable")
+                assert "database is unavailable" in str(ei.value)
+                assert _server_metric(srv, "tapproof_store_up") == 0
+                assert _server_metric(srv, "tapproof_server_refusals_total", reason="store-unavailable") >= 1
+                procs.wait_for(lambda s=srv: "store-down" in s.log(), 10, "the store-down log line")
+            for agent in agents:
+                procs.wait_for(lambda ag=agent: ag.metric("tapproof_agent_control_plane_up") == 0, 10, "outage seen")
+            failed = {id(ag): ag.metric("tapproof_agent_renewals_total", result="failure") for ag in agents}
+            serials = {id(ag): ag.status()["certificate"]["serial"] for ag in agents}
+            while time.monotonic() < outage_end:  # new tunnels keep working on the current certificates
+                sent, received, _ = procs.echo_roundtrip(a.route(), 64 << 10)
+                assert sent == received
+                time.sleep(1)
+            for agent in agents:
+                assert agent.metric("tapproof_agent_renewals_total", result="failure") > failed[id(agent)]
+                assert agent.status()["certificate"]["serial"] == serials[id(agent)]  # kept, not dropped
+                assert agent.metric("tapproof_agent_certificate_expiry_seconds") > 0
+        finally:
+            pg_server.start()
+
+        for agent in agents:  # back without restarting anything
+            procs.wait_for(
+                lambda ag=agent: ag.status()["certificate"]["serial"] != serials[id(ag)], 40, "renewal after", step=0.5
+            )
+            procs.wait_for(lambda ag=agent: ag.metric("tapproof_agent_control_plane_up") == 1, 20, "control plane up")
+        for srv in cluster:
+            assert _agent_client(a, srv.address).get("/v1/policy")["default"] in ("allow", "deny")
+            assert _server_metric(srv, "tapproof_store_up") == 1
+            assert "store-up" in srv.log()
+        sent, received, _ = procs.echo_roundtrip(a.route(), 1 << 20)
+        assert sent == received
+        stream.finish()
+        assert not stream.errors, stream.errors
+        assert stream.n_received == stream.n_sent > 0
+        assert stream.received.hexdigest() == stream.sent.hexdigest()
+        assert [p.pid for p in (*(s.proc for s in cluster), *(ag.proc for ag in agents))] == pids
+        assert all(p.poll() is None for p in (*(s.proc for s in cluster), *(ag.proc for ag in agents)))
+    finally:
+        for agent in agents:
+            agent.stop()
+        echo.close()
 
 
 @pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

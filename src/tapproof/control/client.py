@@ -107,6 +107,7 @@ class APIClient:
         self.timeout = timeout
         self.now = now
         self.mark = mark  # SO_MARK for transparent mode (see tls.stream.connect)
+        self._preferred = 0  # the server that answered last: tried first next time (failover sticks)
 
     def call(
         self, method: str, path: str, body: Any = None, headers: Sequence[tuple[str, str]] = ()
@@ -122,8 +123,25 @@ class APIClient:
                 accept=lambda s: s.kind is identity.Kind.SERVER,
             )
 
+        servers = list(self.servers)
+        start = self._preferred % len(servers) if servers else 0
+        order = servers[start:] + servers[:start]
+
+        def answered(server: str) -> None:
+            if server in self.servers:
+                self._preferred = self.servers.index(server)
+
         return _call_any(
-            self.servers, self.ctx_factory, verify, method, path, body, headers, timeout=self.timeout, mark=self.mark
+            order,
+            self.ctx_factory,
+            verify,
+            method,
+            path,
+            body,
+            headers,
+            timeout=self.timeout,
+            mark=self.mark,
+            on_answer=answered,
         )
 
     def get(self, path: str) -> Any:
@@ -146,12 +164,14 @@ def _call_any(
     *,
     timeout: float,
     mark: int | None = None,
+    on_answer: Callable[[str], None] | None = None,
 ) -> tuple[int, dict[str, str], Any]:
     """Connect to each server in turn, ``verify`` it (raises: no retry), then make the request.
 
     Transport errors, refused handshakes and 503 answers move on to the next
     server; an identity ``verify`` refuses is raised at once, before a byte of
-    the request is sent.
+    the request is sent. ``on_answer`` learns which server gave the final answer
+    (not a 503).
     """
     last: Exception | None = None
     for server in servers:
@@ -175,6 +195,8 @@ def _call_any(
         if status == 503 and server != servers[-1]:
             last = APIError(503, "unavailable", f"{server} is unavailable")
             continue
+        if on_answer is not None and status != 503:
+            on_answer(server)
         _raise_for(status, parsed)
         return status, rh, parsed
     if isinstance(last, APIError | PeerRejected):
