@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test test-fast bench lint fuzz soak clean
+.PHONY: venv demo test test-fast bench lint fuzz soak soak-run clean
 
 venv: $(STAMP)
 
@@ -28,12 +28,21 @@ bench: venv
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
 lint: venv
-	$(BIN)/ruff check src tests bench fuzz
-	$(BIN)/ruff format --check src tests bench fuzz
+	$(BIN)/ruff check src tests bench fuzz soak
+	$(BIN)/ruff format --check src tests bench fuzz soak
 	$(BIN)/mypy
 
 fuzz: venv
 	$(BIN)/python -m fuzz $(FUZZ_ARGS)
+
+# Long runs: the soak driver for DURATION (e.g. 150s or 10m), then every test marked soak.
+# soak-run is the driver alone (what .ci/run uses with a short DURATION).
+DURATION ?= 10m
+soak: soak-run
+	$(BIN)/python -m pytest -m soak $(PYTEST_ARGS)
+
+soak-run: venv
+	$(BIN)/python -m soak --duration $(DURATION) $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
