@@ -89,12 +89,16 @@ def stream(
     timeout: float = 120.0,
     on_progress: Any = None,
     sock: socket.socket | None = None,
+    interval: float = 0.0,
+    stop: threading.Event | None = None,
 ) -> End:
     """Send ``size`` bytes to ``addr`` and read the echo back at the same time; never raises.
 
     The write side is half-closed after the last byte, then the read side is
     drained to EOF before the socket is closed. ``on_progress(sent)`` is
     called after each chunk (a test can kill something mid-transfer there).
+    ``interval`` paces the chunks (a long, slow connection); setting ``stop``
+    ends the sending early, orderly (half-close, then drain).
     """
     end = End()
     try:
@@ -108,7 +112,7 @@ def stream(
     def send() -> None:
         try:
             i = 0
-            while end.sent < size:
+            while end.sent < size and not (stop is not None and stop.is_set()):
                 part = chunks[i % 4][: min(chunk, size - end.sent)]
                 s.sendall(part)
                 end.sent_sha.update(part)
@@ -116,6 +120,8 @@ def stream(
                 i += 1
                 if on_progress is not None:
                     on_progress(end.sent)
+                if interval:
+                    time.sleep(interval)
             s.shutdown(socket.SHUT_WR)
             end.send_complete = True
         except OSError as exc:
