@@ -262,6 +262,42 @@ def test_postgres_outage_answers_503_keeps_tunnels_and_recovers_without_restarts
         echo.close()
 
 
+def test_sqlite_file_unusable_answers_503_and_recovers_without_restarts(tmp_path: Path) -> None:
+    srv = procs.start_server(tmp_path / "srv", leaf_ttl="1m")
+    agent = None
+    db = tmp_path / "srv" / "tapproof.db"
+    try:
+        agent = procs.start_agent(tmp_path / "a", srv.token("lite"), "--renew-fraction", "0.1")
+        procs.wait_for(lambda: _renewed(agent) >= 1, 30, "a renewal before the outage", step=0.5)
+        db.rename(db.with_name("tapproof.db.away"))
+        db.mkdir()  # the path is there but is no database: unreadable for root too
+        try:
+            with pytest.raises(APIError) as ei:
+                _agent_client(agent, srv.address).get("/v1/registry")
+            assert (ei.value.status, ei.value.code) == (503, "store-unavailable")
+            assert _server_metric(srv, "tapproof_store_up") == 0
+            procs.wait_for(lambda: agent.metric("tapproof_agent_control_plane_up") == 0, 10, "the agent sees it")
+            serial = agent.status()["certificate"]["serial"]
+            failed = agent.metric("tapproof_agent_renewals_total", result="failure")
+            procs.wait_for(
+                lambda: agent.metric("tapproof_agent_renewals_total", result="failure") > failed, 20, "a failed renewal"
+            )
+            assert agent.status()["certificate"]["serial"] == serial
+            assert "store-down" in srv.log()
+        finally:
+            db.rmdir()
+            db.with_name("tapproof.db.away").rename(db)
+        procs.wait_for(lambda: agent.status()["certificate"]["serial"] != serial, 30, "renewal after", step=0.5)
+        procs.wait_for(lambda: agent.metric("tapproof_agent_control_plane_up") == 1, 20, "control plane up")
+        assert _server_metric(srv, "tapproof_store_up") == 1
+        assert srv.proc.poll() is None
+        assert agent.proc.poll() is None
+    finally:
+        if agent is not None:
+            agent.stop()
+        srv.stop()
+
+
 @pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def test_migrate_and_refuse_a_newer_schema(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
     pg_server: PgServer | None = request.getfixturevalue("pg_server") if backend == "postgres" else None
