@@ -72,8 +72,8 @@ class Material:
 
         ``unsafe_classical_groups`` (``--unsafe-classical-groups``) lets both also
         negotiate classical groups (see :mod:`tapproof.tls.unsafe`)."""
-        server_ctx = context.server_context(creds, bundle, require_client_cert=True, hook=_verify_hook)
-        client_ctx = context.client_context(creds, bundle, hook=_verify_hook)
+        server_ctx = context.server_context(creds, bundle, require_client_cert=True, hook=_verify_hook, resumption=True)
+        client_ctx = context.client_context(creds, bundle, hook=_verify_hook, resumption=True)
         if unsafe_classical_groups:
             unsafe.allow_classical_groups(server_ctx)
             unsafe.allow_classical_groups(client_ctx)

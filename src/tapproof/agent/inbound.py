@@ -3,9 +3,12 @@
 Order of checks (fail closed; no byte reaches a service before all pass):
 
 1. TLS 1.3 handshake with X25519MLKEM768 within :data:`HANDSHAKE_TIMEOUT`,
-   client certificate chained to our bundle (OpenSSL);
+   client certificate chained to our bundle (OpenSSL); or a resumption of a
+   ticket this agent issued under its current certificate and bundle
+   (psk_dhe_ke: still a fresh X25519MLKEM768 exchange; see ``tls.context``);
 2. the peer is a ``spiffe://TD/host/NAME`` leaf, not expired, not a revoked
-   serial, and NAME is not a revoked host;
+   serial, and NAME is not a revoked host (on resumed handshakes too: the
+   leaf comes from the ticket's session);
 3. one ``CONNECT`` preamble within :data:`PREAMBLE_TIMEOUT` (else ``400``);
 4. policy on (peer, service name, port): ``403`` if denied. The policy runs
    BEFORE the existence check, so a denied peer cannot probe which services
@@ -32,7 +35,7 @@ import time
 from tapproof.agent import events
 from tapproof.agent.config import Service
 from tapproof.agent.credstore import take_verify_error
-from tapproof.agent.metrics import HANDSHAKE_SECONDS
+from tapproof.agent.metrics import HANDSHAKE_SECONDS, HANDSHAKES
 from tapproof.agent.runtime import Runtime
 from tapproof.errors import (
     HandshakeTimeout,
@@ -45,6 +48,7 @@ from tapproof.errors import (
 from tapproof.identity import Kind, SpiffeID
 from tapproof.pki.certs import serial_hex
 from tapproof.tls.peer import check_peer, peer_leaf
+from tapproof.tls.sessions import was_resumed
 from tapproof.tls.stream import TLSStream
 from tapproof.tunnel import preamble
 from tapproof.tunnel.relay import Relay
@@ -128,7 +132,7 @@ class InboundHandler:
         except PeerRejected as exc:
             stream.abort()
             reason = events.handshake_reason(exc, take_verify_error())
-            events.refused(DIRECTION, reason, source=source, detail=exc.detail)
+            events.refused(DIRECTION, reason, source=source, detail=exc.detail, resumed=was_resumed(stream.conn))
             return
         except HandshakeTimeout:
             stream.abort()
@@ -139,11 +143,17 @@ class InboundHandler:
             events.refused(DIRECTION, "handshake-aborted", source=source, detail=str(exc))
             return
         HANDSHAKE_SECONDS.labels(DIRECTION).observe(time.monotonic() - start)
+        HANDSHAKES.labels(DIRECTION, "resumed" if was_resumed(stream.conn) else "full").inc()
         self._after_handshake(stream, peer, serial, source, start)
 
     def _after_handshake(self, stream: TLSStream, peer: SpiffeID, serial: str, source: str, start: float) -> None:
         rt = self.rt
-        fields: dict[str, object] = {"peer": str(peer), "source": source, "group": stream.group}
+        fields: dict[str, object] = {
+            "peer": str(peer),
+            "source": source,
+            "group": stream.group,
+            "resumed": was_resumed(stream.conn),
+        }
         pre = preamble.ServerPreamble()
         deadline = time.monotonic() + PREAMBLE_TIMEOUT
         try:

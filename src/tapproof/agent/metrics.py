@@ -12,6 +12,7 @@ __all__ = [
     "CA_WARNING",
     "CERT_EXPIRY",
     "CONTROL_PLANE_UP",
+    "HANDSHAKES",
     "HANDSHAKE_SECONDS",
     "REFUSALS",
     "RENEWALS",
@@ -32,6 +33,11 @@ HANDSHAKE_SECONDS = Histogram(
     "TLS handshake plus peer check time",
     ["direction"],
     buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)
+HANDSHAKES = Counter(
+    "tapproof_agent_handshakes",
+    "Completed tunnel handshakes (peer checked), by direction and kind (full, resumed)",
+    ["direction", "kind"],
 )
 CONTROL_PLANE_UP = Gauge("tapproof_agent_control_plane_up", "1 when the last control-plane call succeeded")
 CERT_EXPIRY = Gauge("tapproof_agent_certificate_expiry_seconds", "Seconds until this agent's certificate expires")

@@ -24,12 +24,13 @@ from tapproof.agent import events
 from tapproof.agent.config import Route
 from tapproof.agent.credstore import take_verify_error
 from tapproof.agent.inbound import is_own_address
-from tapproof.agent.metrics import HANDSHAKE_SECONDS
+from tapproof.agent.metrics import HANDSHAKE_SECONDS, HANDSHAKES
 from tapproof.agent.runtime import Runtime
 from tapproof.errors import PeerRejected, ProtocolError, TapproofError, TransportError
 from tapproof.identity import host_id
 from tapproof.pki.certs import serial_hex
 from tapproof.tls.peer import check_peer, peer_leaf
+from tapproof.tls.sessions import was_resumed
 from tapproof.tls.stream import connect
 from tapproof.tunnel import preamble
 from tapproof.tunnel.relay import Relay
@@ -68,17 +69,29 @@ def open_tunnel(rt: Runtime, app: socket.socket, app_addr: tuple[str, int], host
     material = rt.creds.current
     expected = host_id(rt.trust_domain, host)
     take_verify_error()
+    sessions = rt.sessions
+    peer_key = (host, addr)
     try:
-        stream = connect(addr, material.client_ctx, timeout=CONNECT_TIMEOUT, mark=rt.mark)
+        stream = connect(
+            addr,
+            material.client_ctx,
+            timeout=CONNECT_TIMEOUT,
+            mark=rt.mark,
+            prepare=lambda conn: sessions.offer(conn, material, peer_key),
+        )
     except PeerRejected as exc:
+        sessions.forget(material, peer_key)
         _reset(app)
         events.refused(DIRECTION, events.handshake_reason(exc, take_verify_error()), detail=exc.detail, **fields)
         return
     except TransportError as exc:
+        sessions.forget(material, peer_key)
         _reset(app)
         events.refused(DIRECTION, "connect-failed", detail=str(exc), **fields)
         return
+    resumed = was_resumed(stream.conn)
     try:
+        # every connection, resumed or not: identity, expiry, revocation
         check_peer(
             stream,
             trust_domain=rt.trust_domain,
@@ -90,12 +103,15 @@ def open_tunnel(rt: Runtime, app: socket.socket, app_addr: tuple[str, int], host
         leaf = peer_leaf(stream)
         serial = serial_hex(leaf) if leaf is not None else ""
     except PeerRejected as exc:
+        sessions.forget(material, peer_key)
         stream.abort()
         _reset(app)
-        events.refused(DIRECTION, exc.reason.value, detail=exc.detail, **fields)
+        events.refused(DIRECTION, exc.reason.value, detail=exc.detail, resumed=resumed, **fields)
         return
     HANDSHAKE_SECONDS.labels(DIRECTION).observe(time.monotonic() - start)
+    HANDSHAKES.labels(DIRECTION, "resumed" if resumed else "full").inc()
     fields["group"] = stream.group
+    fields["resumed"] = resumed
     cp = preamble.ClientPreamble(target, source=_source_header(app_addr))
     deadline = time.monotonic() + CONNECT_TIMEOUT
     try:
@@ -107,10 +123,12 @@ def open_tunnel(rt: Runtime, app: socket.socket, app_addr: tuple[str, int], host
                 cp.feed_eof()
             resp = cp.feed(data)
     except (TransportError, ProtocolError) as exc:
+        sessions.forget(material, peer_key)
         stream.abort()
         _reset(app)
         events.refused(DIRECTION, "bad-response", detail=str(exc), **fields)
         return
+    sessions.save(stream.conn, material, peer_key)  # the peer's tickets arrived before its answer
     if not resp.ok:
         stream.close(time.monotonic() + 1.0)
         _reset(app)

@@ -18,6 +18,7 @@ from tapproof.agent.registry import RegistryCache
 from tapproof.agent.state import AgentPaths
 from tapproof.agent.tunnels import TunnelTable
 from tapproof.identity import SpiffeID, host_id
+from tapproof.tls.sessions import SessionStore
 
 __all__ = ["Runtime"]
 
@@ -34,6 +35,7 @@ class Runtime:
     policy: PolicyCache
     registry: RegistryCache
     tunnels: TunnelTable = dataclasses.field(default_factory=TunnelTable)
+    sessions: SessionStore = dataclasses.field(default_factory=SessionStore)  # outbound TLS resumption
     stopping: threading.Event = dataclasses.field(default_factory=threading.Event)
     control_plane_up: bool = False
     last_sync: dt.datetime | None = None

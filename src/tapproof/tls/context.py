@@ -1,5 +1,19 @@
 """pyOpenSSL contexts: TLS 1.3 only, X25519MLKEM768 only, mutual authentication.
 
+Session resumption (agent tunnels only, ``resumption=``): TLS 1.3 stateless
+tickets, resumed with ``psk_dhe_ke`` ONLY (OpenSSL's default; the
+``SSL_OP_ALLOW_NO_DHE_KEX`` option that would allow ``psk_ke`` is checked to be
+off), so a resumed handshake still runs a fresh X25519MLKEM768 key exchange
+(forward secrecy, PQ) and :meth:`tapproof.tls.stream.TLSStream.require_pq`
+still checks the group. What resumption skips is the certificate exchange and
+the signatures, i.e. the ECDSA work that dominates a full handshake's CPU. A
+ticket is bound to one credential generation: the session id context is a hash
+of our own certificate and of the trust bundle (OpenSSL refuses a session whose
+context differs), and the ticket key is created with each context, so a
+renewal, a rotation or a bundle change forces full handshakes. Tickets live
+:data:`TICKET_LIFETIME` seconds. The peer check (identity, expiry, revocation)
+is the caller's and runs on every connection, resumed or not.
+
 Nothing here can be made weaker by a caller: there is no classical-only
 switch (DESIGN allows one only as an explicit, logged setting; none is
 needed yet). pyOpenSSL has no
@@ -9,9 +23,11 @@ needed yet). pyOpenSSL has no
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable
 
+from cryptography.hazmat.primitives import hashes
 from OpenSSL import SSL, crypto
 from OpenSSL._util import lib as _lib
 
@@ -25,19 +41,46 @@ CIPHERSUITES = b"TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256:TLS_AES_128
 
 VerifyHook = Callable[[int, int, bool], None]  # (openssl errno, depth, ok) for logging
 
+TICKET_LIFETIME = 120
+"""Seconds a TLS 1.3 session ticket may be used to resume (short: a resumption skips the chain check)."""
+_OP_ALLOW_NO_DHE_KEX = 1 << 10  # SSL_OP_ALLOW_NO_DHE_KEX (OpenSSL 3.x/4.x): would permit psk_ke; must stay off
 
-def _base() -> SSL.Context:
+
+def _base(*, resumption: bool = False) -> SSL.Context:
     ctx = SSL.Context(SSL.TLS_METHOD)
     ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
     ctx.set_max_proto_version(SSL.TLS1_3_VERSION)
     ctx.set_tls13_ciphersuites(CIPHERSUITES)
+    # Free an idle connection's record buffers (~34 KiB each way): idle tunnels stay small.
+    ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
     if _lib.SSL_CTX_set1_curves_list(ctx._context, PQ_GROUP.encode()) != 1:
         raise PKIError(f"this OpenSSL does not support {PQ_GROUP}: install cryptography >= 50 (OpenSSL >= 3.5)")
-    # No session tickets / resumption: every connection runs a full (EC)DHE+ML-KEM
-    # exchange and presents certificates, so every peer is checked on every connection.
-    ctx.set_options(SSL.OP_NO_TICKET | SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION)
+    if not resumption:
+        # No session tickets / resumption: every connection runs a full (EC)DHE+ML-KEM
+        # exchange and presents certificates.
+        ctx.set_options(SSL.OP_NO_TICKET | SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION)
+        ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+        return ctx
+    ctx.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION)
+    if _lib.SSL_CTX_get_options(ctx._context) & _OP_ALLOW_NO_DHE_KEX:
+        raise PKIError("this OpenSSL allows psk_ke resumption by default: refusing to enable session tickets")
+    # Stateless tickets only (no server-side store); the client keeps sessions itself (tls.sessions).
     ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+    ctx.set_timeout(TICKET_LIFETIME)
     return ctx
+
+
+def generation_id(creds: Credentials, bundle: TrustBundle) -> bytes:
+    """32 bytes naming one credential generation: our leaf and every root of the bundle.
+
+    Used as the session id context of resumable contexts: a ticket issued under
+    another certificate or another bundle does not resume.
+    """
+    h = hashlib.sha256(b"tapproof-session-v1\0")
+    h.update(creds.leaf.fingerprint(hashes.SHA256()))
+    for fp in sorted(bundle.fingerprints):
+        h.update(fp.encode())
+    return h.digest()
 
 
 def _use_credentials(ctx: SSL.Context, creds: Credentials) -> None:
@@ -71,10 +114,17 @@ def server_context(
     *,
     require_client_cert: bool = True,
     hook: VerifyHook | None = None,
+    resumption: bool = False,
 ) -> SSL.Context:
     """A server context. With ``require_client_cert=False`` a client MAY come without a
-    certificate (enrollment); one that presents a certificate must still verify."""
-    ctx = _base()
+    certificate (enrollment); one that presents a certificate must still verify.
+    ``resumption=True`` issues short-lived psk_dhe_ke tickets bound to this generation
+    (agent tunnels; requires a client certificate)."""
+    if resumption and not require_client_cert:
+        raise PKIError("session resumption needs mutual authentication")
+    ctx = _base(resumption=resumption)
+    if resumption:
+        ctx.set_session_id(generation_id(creds, bundle))
     _use_credentials(ctx, creds)
     _trust(ctx, bundle, require_peer_cert=require_client_cert, hook=hook)
     return ctx
@@ -85,9 +135,11 @@ def client_context(
     bundle: TrustBundle,
     *,
     hook: VerifyHook | None = None,
+    resumption: bool = False,
 ) -> SSL.Context:
-    """A client context that verifies the server against ``bundle`` (and presents ``creds``)."""
-    ctx = _base()
+    """A client context that verifies the server against ``bundle`` (and presents ``creds``).
+    ``resumption=True`` accepts tickets (offered only when the caller sets a session)."""
+    ctx = _base(resumption=resumption)
     if creds is not None:
         _use_credentials(ctx, creds)
     _trust(ctx, bundle, require_peer_cert=True, hook=hook)

@@ -14,6 +14,7 @@ import math
 import select
 import socket
 import time
+from collections.abc import Callable
 from typing import TypeVar
 
 from OpenSSL import SSL
@@ -166,11 +167,14 @@ def connect(
     *,
     timeout: float = 10.0,
     mark: int | None = None,
+    prepare: Callable[[SSL.Connection], object] | None = None,
 ) -> TLSStream:
     """Connect TCP + TLS to ``address`` within ``timeout`` seconds (PQ group enforced).
 
     ``mark`` sets ``SO_MARK`` before connecting, so that transparent mode's
     redirect rules let the agent's own connections through instead of looping.
+    ``prepare`` is called with the ``SSL.Connection`` before the handshake (e.g. to
+    offer a stored session, :class:`tapproof.tls.sessions.SessionStore`).
     """
     deadline = time.monotonic() + timeout
     where = f"{address[0]}:{address[1]}"
@@ -189,6 +193,8 @@ def connect(
         sock.close()
         raise TransportError(f"cannot connect to {where}: {exc.strerror or exc}") from exc
     stream = TLSStream.client(ctx, sock)
+    if prepare is not None:
+        prepare(stream.conn)
     try:
         stream.handshake(deadline)
     except BaseException:
