@@ -5,12 +5,20 @@ worker (one thread per connection; the relay's C calls release the GIL). A
 bounded number of workers caps memory under a connection flood: past it, a
 new connection is closed at once and reported (reason ``too-many-connections``).
 Used by the agent's listeners and the control plane's API server.
+
+Scale (10,000 tunnels per agent): each tunnel costs one thread and two file
+descriptors. :func:`raise_limits` (called at agent start) raises the
+open-file soft limit to the hard limit and makes thread stacks
+:data:`STACK_SIZE` (the default 8 MiB only costs address space, but 10,000 of
+them look alarming and count against overcommit); :data:`MAX_WORKERS` caps
+handlers per listener.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import resource
 import socket
 import threading
 from collections.abc import Callable
@@ -21,10 +29,27 @@ from tapproof.units import format_hostport
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MAX_WORKERS", "Listener", "bind"]
+__all__ = ["MAX_WORKERS", "STACK_SIZE", "Listener", "bind", "raise_limits"]
 
-MAX_WORKERS = 4096
+MAX_WORKERS = 16384
 """Concurrent connections (handshaking or relaying) per listener."""
+
+STACK_SIZE = 512 * 1024
+"""Stack of every thread started after :func:`raise_limits` (handshake, relay: a few KiB used)."""
+
+
+def raise_limits() -> int:
+    """Raise RLIMIT_NOFILE's soft limit to its hard limit and shrink new thread stacks; return the fd limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    with contextlib.suppress(ValueError, RuntimeError):
+        threading.stack_size(STACK_SIZE)
+    return int(soft)
+
 
 Handler = Callable[[socket.socket, tuple[str, int]], None]
 OnRefuse = Callable[[str], None]

@@ -60,7 +60,7 @@ from tapproof.agent.state import AgentPaths, load_identity
 from tapproof.agent.sync import SyncLoop
 from tapproof.errors import ConfigError, TapproofError
 from tapproof.fsutil import ensure_private_dir, write_atomic
-from tapproof.listener import Listener, bind
+from tapproof.listener import STACK_SIZE, Listener, bind, raise_limits
 from tapproof.logs import log_event
 from tapproof.tls import unsafe
 from tapproof.units import format_hostport, parse_hostport
@@ -451,6 +451,8 @@ def run(data_dir: Path, join: str | None, config_file: Path | None, overrides: d
         enroll(paths.root, join)
     elif join:
         log_event(log, "join-ignored", reason="data dir already enrolled", data_dir=str(paths.root))
+    fd_limit = raise_limits()  # 10,000 tunnels need 20,000 descriptors and 10,000 threads
+    log_event(log, "process-limits", open_files=fd_limit, thread_stack=STACK_SIZE)
     agent = Agent(paths.root, cfg, config_file, overrides)
     agent.install_signals()
     agent.start()

@@ -84,10 +84,13 @@ from OpenSSL import SSL
 from OpenSSL._util import ffi as _ffi
 from OpenSSL._util import lib as _lib
 
-__all__ = ["DEFAULT_BUFFER_SIZE", "EndReason", "Relay", "RelayResult", "Side", "relay"]
+__all__ = ["DEFAULT_BUFFER_SIZE", "SMALL_BUFFER_SIZE", "EndReason", "Relay", "RelayResult", "Side", "relay"]
 
 DEFAULT_BUFFER_SIZE = 256 * 1024
-"""Bytes per direction buffer (>= 64 KiB; 256 KiB measured best)."""
+"""Bytes per direction buffer once data flows in bulk (>= 64 KiB; 256 KiB measured best)."""
+
+SMALL_BUFFER_SIZE = 16 * 1024
+"""Bytes per direction buffer until a read fills it (idle tunnels stay small)."""
 
 _alloc = _ffi.new_allocator(should_clear_after_alloc=False)
 
@@ -264,12 +267,17 @@ class Relay:
         _lib.SSL_clear_mode(ssl, _lib.SSL_MODE_ENABLE_PARTIAL_WRITE)
         _lib.ERR_clear_error()
 
-        ubuf = _alloc("char[]", size)  # plain -> tls
-        umv = memoryview(_ffi.buffer(ubuf))
-        dbuf = _alloc("char[]", size)  # tls -> plain
-        dmv = memoryview(_ffi.buffer(dbuf))
+        # Buffers start small (an idle or chatty tunnel never needs more) and grow to
+        # ``size`` once a read fills one: bulk flows get the measured-best 256 KiB.
         to_plain, to_tls = self._initial
         self._initial = (b"", b"")
+        ucap = size if len(to_tls) > SMALL_BUFFER_SIZE else SMALL_BUFFER_SIZE
+        dcap = size if len(to_plain) > SMALL_BUFFER_SIZE else SMALL_BUFFER_SIZE
+        ubuf = _alloc("char[]", ucap)  # plain -> tls
+        umv = memoryview(_ffi.buffer(ubuf))
+        dbuf = _alloc("char[]", dcap)  # tls -> plain
+        dmv = memoryview(_ffi.buffer(dbuf))
+        up_grow = down_grow = False
         dlen, doff = len(to_plain), 0
         dmv[:dlen] = to_plain
         ulen, uoff = len(to_tls), 0
@@ -300,6 +308,10 @@ class Relay:
 
             # plain -> buffer
             if ulen == 0 and not up_eof:
+                if up_grow:
+                    ubuf = _alloc("char[]", size)
+                    umv = memoryview(_ffi.buffer(ubuf))
+                    ucap, up_grow = size, False
                 try:
                     n = plain.recv_into(umv)
                 except BlockingIOError:
@@ -311,6 +323,7 @@ class Relay:
                         up_eof = True
                     else:
                         ulen, uoff = n, 0
+                        up_grow = n == ucap < size
                     moved = True
 
             # buffer -> tls
@@ -335,14 +348,19 @@ class Relay:
                     up_wait = self._want(ssl, r, get_error(ssl, r), "shutdown")
 
             # tls -> buffer (gather several records into one plaintext send)
-            if dlen < size and not down_eof:
+            if dlen == 0 and down_grow:
+                dbuf = _alloc("char[]", size)
+                dmv = memoryview(_ffi.buffer(dbuf))
+                dcap, down_grow = size, False
+            if dlen < dcap and not down_eof:
                 for _ in range(64):
-                    r = ssl_read(ssl, dbuf + dlen, size - dlen)
+                    r = ssl_read(ssl, dbuf + dlen, dcap - dlen)
                     if r > 0:
                         dlen += r
                         down_wait = 0
                         moved = True
-                        if dlen == size:
+                        if dlen == dcap:
+                            down_grow = dcap < size
                             break
                         continue
                     err = get_error(ssl, r)
@@ -390,7 +408,7 @@ class Relay:
             want_tls = 0
             if ulen > uoff or (up_eof and not up_done):
                 want_tls |= up_wait
-            if dlen < size and not down_eof:
+            if dlen < dcap and not down_eof:
                 want_tls |= down_wait
             for fd, want in ((plain_fd, want_plain), (tls_fd, want_tls)):
                 have = registered[fd]
