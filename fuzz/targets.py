@@ -1,4 +1,9 @@
-"""Fuzz targets: join strings, SPIFFE IDs, the control-plane API, the auditor's TLS and pcap parsers.
+"""Fuzz targets: every parser of untrusted bytes.
+
+Join strings, SPIFFE IDs, the CONNECT preamble (both sides), the control-plane
+API's JSON, enrollment CSRs (DER inside PEM), peer leaf certificates (the checks
+after OpenSSL's), and the auditor's TLS parser, capture reader and whole
+pipeline (flows, classification, report).
 
 Each target raises only on a real bug: an input the parser should have
 refused with its own error type, or an API answer of 500.
@@ -158,6 +163,103 @@ def control_api() -> Callable[[bytes], None]:
     return _API()
 
 
+def _csr_seeds() -> list[bytes]:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.x509 import load_pem_x509_csr
+
+    from tapproof.pki import csr, keys
+
+    out = []
+    for algo, sid in (("ecdsa-p256", identity.host_id("example.org", "web-1")), ("ed25519", None)):
+        pem = csr.build(keys.generate(algo), sid)  # type: ignore[arg-type]
+        out.append(load_pem_x509_csr(pem).public_bytes(serialization.Encoding.DER))
+    return out
+
+
+def csr_der(data: bytes) -> None:
+    """An enrollment CSR (the fuzzed bytes are the DER inside the PEM): accepted or CSRRejected."""
+    import base64
+
+    from tapproof.errors import CSRRejected
+    from tapproof.pki import csr
+
+    pem = b"-----BEGIN CERTIFICATE REQUEST-----\n" + base64.encodebytes(data) + b"-----END CERTIFICATE REQUEST-----\n"
+    for call in (
+        lambda: csr.check(pem, identity.host_id("example.org", "web-1")),
+        lambda: csr.public_key_der(pem),
+    ):
+        with contextlib.suppress(CSRRejected):
+            call()
+
+
+def _leaf_seeds() -> list[bytes]:
+    from cryptography.hazmat.primitives import serialization
+
+    from tapproof.pki.ca import init_ca
+
+    with tempfile.TemporaryDirectory(prefix="tapproof-fuzz-") as d:
+        ca = init_ca(Path(d), "example.org", dt.datetime.now(dt.UTC))
+        creds = ca.credentials_for(
+            identity.host_id("example.org", "web-1"), dt.datetime.now(dt.UTC), dt.timedelta(hours=1)
+        )
+        return [c.public_bytes(serialization.Encoding.DER) for c in (creds.leaf, ca.intermediate)]
+
+
+def peer_leaf(data: bytes) -> None:
+    """A peer's leaf after OpenSSL: what cryptography can load is checked by ours, accepted or PeerRejected."""
+    import warnings
+
+    from cryptography import x509
+    from cryptography.utils import CryptographyDeprecationWarning
+
+    from tapproof.errors import PeerRejected
+    from tapproof.pki.verify import check_leaf
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CryptographyDeprecationWarning)  # e.g. a negative serial: still parsed
+        try:
+            cert = x509.load_der_x509_certificate(data)
+        except (ValueError, x509.InvalidVersion):
+            return  # the library refused it (OpenSSL would have, earlier)
+        for usage in ("client", "server"):
+            with contextlib.suppress(PeerRejected):
+                check_leaf(cert, trust_domain="example.org", now=dt.datetime.now(dt.UTC), usage=usage)  # type: ignore[arg-type]
+
+
+def _pipeline_seeds() -> list[bytes]:
+    import dpkt
+
+    from tapproof.audit import synth
+
+    seeds = [_pcap_seed()]
+    for exchanges in (
+        [("c", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"), ("s", b"HTTP/1.1 200 OK\r\n\r\nhello")],
+        [("s", b"SSH-2.0-OpenSSH_9.2\r\n"), ("c", b"SSH-2.0-OpenSSH_9.2\r\n")],
+        [("c", b"*1\r\n$4\r\nPING\r\n"), ("s", b"+PONG\r\n")],
+    ):
+        buf = io.BytesIO()
+        writer = dpkt.pcap.Writer(buf, linktype=1)
+        for ts, frame in synth.conversation(("10.0.0.1", 40000), ("10.0.0.2", 6379), exchanges):
+            writer.writepkt(frame, ts)
+        seeds.append(buf.getvalue())
+    return seeds
+
+
+def audit_pipeline(data: bytes) -> None:
+    """The whole auditor on a capture file: a report, or AuditInputError."""
+    from tapproof.audit.pipeline import analyze
+    from tapproof.audit.report import build_report
+
+    with tempfile.NamedTemporaryFile(suffix=".pcap") as f:
+        f.write(data)
+        f.flush()
+        try:
+            report = build_report(analyze([f.name]))
+        except AuditInputError:
+            return
+    json.dumps(report)  # the report must serialise
+
+
 TARGETS: dict[str, tuple[Callable[[], Callable[[bytes], None]], list[bytes]]] = {
     "join-string": (lambda: join_string, JOIN_SEEDS),
     "spiffe-id": (lambda: spiffe_id, ID_SEEDS),
@@ -165,4 +267,7 @@ TARGETS: dict[str, tuple[Callable[[], Callable[[bytes], None]], list[bytes]]] = 
     "tls-records": (lambda: tls_records, _tls_seeds()),
     "pcap": (lambda: pcap_file, [_pcap_seed()]),
     "api-json": (control_api, API_SEEDS),
+    "csr": (lambda: csr_der, _csr_seeds()),
+    "peer-leaf": (lambda: peer_leaf, _leaf_seeds()),
+    "audit-pipeline": (lambda: audit_pipeline, _pipeline_seeds()),
 }

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, cast
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import NameOID
@@ -45,11 +46,11 @@ def check(pem: bytes | str, expected: SpiffeID) -> PublicKey:
         raise CSRRejected(CSRReason.MALFORMED, f"csr larger than {MAX_CSR_BYTES} bytes")
     try:
         csr = x509.load_pem_x509_csr(data)
-    except ValueError as exc:
+    except (ValueError, x509.InvalidVersion) as exc:
         raise CSRRejected(CSRReason.MALFORMED, "not a PEM certificate signing request") from exc
     try:
         key = csr.public_key()
-    except (ValueError, TypeError) as exc:  # unsupported or malformed key
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:  # unsupported or malformed key (found by fuzz/)
         raise CSRRejected(CSRReason.WEAK_KEY, "unsupported public key") from exc
     if isinstance(key, ec.EllipticCurvePublicKey):
         if not isinstance(key.curve, _ALLOWED_CURVES):
@@ -61,7 +62,7 @@ def check(pem: bytes | str, expected: SpiffeID) -> PublicKey:
         )
     try:
         valid = csr.is_signature_valid
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         raise CSRRejected(CSRReason.BAD_SIGNATURE, "csr signature cannot be checked") from exc
     if not valid:
         raise CSRRejected(CSRReason.BAD_SIGNATURE, "csr signature does not verify (tampered?)")
@@ -69,7 +70,7 @@ def check(pem: bytes | str, expected: SpiffeID) -> PublicKey:
         san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         return key
-    except ValueError as exc:
+    except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as exc:
         raise CSRRejected(CSRReason.MALFORMED, "csr extensions do not parse") from exc
     asked = [str(n.value) for n in san]
     if asked != [str(expected)]:
@@ -88,5 +89,5 @@ def public_key_der(pem: bytes | str) -> bytes:
     try:
         key = x509.load_pem_x509_csr(data).public_key()
         return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, UnsupportedAlgorithm, x509.InvalidVersion) as exc:
         raise CSRRejected(CSRReason.MALFORMED, "not a PEM certificate signing request") from exc

@@ -14,6 +14,7 @@ from collections.abc import Callable, Collection, Sequence
 from typing import Literal
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
@@ -25,6 +26,8 @@ from tapproof.pki.certs import serial_hex
 
 Usage = Literal["client", "server"]
 _WEAK_HASHES = (hashes.SHA1, hashes.MD5)
+# What cryptography raises on a certificate it loaded but cannot fully read (not all are ValueError).
+_PARSE_ERRORS = (ValueError, UnsupportedAlgorithm, x509.DuplicateExtension, x509.UnsupportedGeneralNameType)
 
 
 def spiffe_id_of(cert: x509.Certificate) -> identity.SpiffeID:
@@ -33,7 +36,7 @@ def spiffe_id_of(cert: x509.Certificate) -> identity.SpiffeID:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound as exc:
         raise PeerRejected(PeerReason.BAD_SPIFFE_ID, "certificate has no subjectAltName") from exc
-    except ValueError as exc:
+    except _PARSE_ERRORS as exc:
         raise PeerRejected(PeerReason.BAD_SPIFFE_ID, "certificate extensions do not parse") from exc
     uris = san.get_values_for_type(x509.UniformResourceIdentifier)
     if len(uris) != 1:
@@ -79,7 +82,7 @@ def check_leaf(
 def _check_leaf_extensions(cert: x509.Certificate, usage: Usage) -> None:
     try:
         exts = cert.extensions
-    except ValueError as exc:
+    except _PARSE_ERRORS as exc:
         raise PeerRejected(PeerReason.BAD_KEY_USAGE, "certificate extensions do not parse") from exc
     try:
         bc = exts.get_extension_for_class(x509.BasicConstraints).value
@@ -103,10 +106,16 @@ def _check_leaf_extensions(cert: x509.Certificate, usage: Usage) -> None:
 
 
 def _check_strength(cert: x509.Certificate) -> None:
-    algo = cert.signature_hash_algorithm
+    try:
+        algo = cert.signature_hash_algorithm
+    except _PARSE_ERRORS as exc:  # an algorithm this build cannot name: refused, not a crash (found by fuzz/)
+        raise PeerRejected(PeerReason.WEAK_SIGNATURE, f"unsupported signature algorithm: {exc}") from exc
     if isinstance(algo, _WEAK_HASHES):
         raise PeerRejected(PeerReason.WEAK_SIGNATURE, f"certificate signed with {algo.name}")
-    key = cert.public_key()
+    try:
+        key = cert.public_key()
+    except _PARSE_ERRORS as exc:
+        raise PeerRejected(PeerReason.WEAK_KEY, f"public key does not load: {exc}") from exc
     if isinstance(key, rsa.RSAPublicKey):
         if key.key_size < 2048:
             raise PeerRejected(PeerReason.WEAK_KEY, f"RSA-{key.key_size} key")
