@@ -10,9 +10,10 @@ different join strings would.
 Per configuration (``sqlite-1``, ``sqlite-2``, ``postgres-1``, ``postgres-2``):
 
 * issuances per second and client-side latency p50/p99, enrollment and renewal
-  phases apart (all clients start each phase together);
-* server RSS (VmRSS and peak VmHWM) and CPU seconds per server process, and the
-  PostgreSQL cluster's CPU seconds (postmaster and its backends);
+  phases apart (all clients start each phase together), then a poll phase: ``--poll-hosts``
+  hosts make one agent sync round each (GET policy, revocations, registry, bundle);
+* per phase, the CPU seconds of each server process and of the PostgreSQL cluster
+  (postmaster and backends), per operation; server RSS (VmRSS and peak VmHWM);
 * database size: empty, after enrollment, after renewal; bytes per 1000 hosts and
   per renewal (each issuance adds a certificate row and an audit-log row).
 
@@ -63,6 +64,7 @@ from tapproof.tls.credentials import Credentials, TrustBundle
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CONFIGS = ("sqlite-1", "sqlite-2", "postgres-1", "postgres-2")
+PHASES = ("enroll", "renew", "poll")
 TD = "scale.tapproof.test"
 console = Console(stderr=True)
 
@@ -93,19 +95,21 @@ def _pool(items: list[Any], concurrency: int, fn: Callable[[Any], None], deadlin
         t.join()
 
 
-def _worker(
-    job: dict[str, Any], barrier: Any, progress: Any, out: Any
-) -> None:  # pragma: no cover - runs in a child process
-    """Enroll this worker's hosts, wait for every worker, renew them; send the timings back."""
+def _worker(job: dict[str, Any], barrier: Any, progress: Any, out: Any) -> None:  # pragma: no cover - child
+    """Enroll this worker's hosts, renew them, then one sync round each; all workers start each phase together."""
     servers, td, fp, deadline = job["servers"], job["td"], job["fingerprint"], job["deadline"]
     creds: dict[int, tuple[Credentials, TrustBundle]] = {}
-    timings: dict[str, list[tuple[float, float, bool]]] = {"enroll": [], "renew": []}
+    timings: dict[str, list[tuple[float, float, bool]]] = {p: [] for p in PHASES}
     lock = threading.Lock()
 
     def record(phase: str, start: float, ok: bool) -> None:
         with lock:
             timings[phase].append((start, time.time(), ok))
         progress.put((phase, 1, 0 if ok else 1))
+
+    def client(i: int) -> APIClient:
+        current, bundle = creds[i]
+        return APIClient(_order(servers, i), td, lambda: context.client_context(current, bundle), timeout=60)
 
     def enroll(item: tuple[int, str]) -> None:
         i, secret = item
@@ -125,18 +129,32 @@ def _worker(
     def renew(i: int) -> None:
         start = time.time()
         try:
-            current, bundle = creds[i]
-            client = APIClient(_order(servers, i), td, lambda: context.client_context(current, bundle), timeout=60)
             key = keys.generate("ecdsa-p256")
-            resp = client.post("/v1/renew", {"csr": csr.build(key, current.spiffe_id).decode()})
+            resp = client(i).post("/v1/renew", {"csr": csr.build(key, creds[i][0].spiffe_id).decode()})
             certs.load_pem_chain(str(resp["certificate"]).encode(), what="certificate")
             record("renew", start, True)
         except (TapproofError, OSError, KeyError):
             record("renew", start, False)
 
+    def poll(i: int) -> None:
+        """What an agent's sync loop asks every round (policy, revocations, registry, bundle)."""
+        start = time.time()
+        try:
+            c = client(i)
+            for path in ("/v1/policy", "/v1/revocations", "/v1/registry", "/v1/bundle"):
+                c.get(path)
+            record("poll", start, True)
+        except (TapproofError, OSError, KeyError):
+            record("poll", start, False)
+
+    def wait() -> None:
+        barrier.wait(max(1.0, deadline - time.time() + 120))
+
     _pool(list(job["hosts"]), job["concurrency"], enroll, deadline)
-    barrier.wait(max(1.0, deadline - time.time() + 60))
+    wait()
     _pool(sorted(creds), job["concurrency"], renew, deadline)
+    wait()
+    _pool(sorted(creds)[: job["poll_hosts"]], job["concurrency"], poll, deadline)
     out.put(timings)
 
 
@@ -242,33 +260,31 @@ def run_config(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]
             for i, secret in enumerate(secrets):
                 store.add_token(TokenRecord(hash_secret(secret), f"h{i:06d}", now, now + dt.timedelta(hours=6)))
         with_tokens = _db_bytes(db)
-        before = {s.proc.pid: _proc_status(s.proc.pid) for s in servers}
-        pg_before = _pg_cpu(_postmaster(pg)) if pg else 0.0
-        result = _drive(args, addresses, fingerprint, secrets, servers, db)
-        after = {s.proc.pid: _proc_status(s.proc.pid) for s in servers}
+        postmaster = _postmaster(pg) if pg else 0
+
+        def sample() -> dict[str, float]:
+            cpu = {f"server{k + 1}": _proc_status(s.proc.pid).get("cpu_s", 0.0) for k, s in enumerate(servers)}
+            if postmaster:
+                cpu["postgres"] = _pg_cpu(postmaster)
+            return cpu
+
+        result = _drive(args, addresses, fingerprint, secrets, sample, db)
+        status = [_proc_status(s.proc.pid) for s in servers]
         result.update(
             config=name,
             backend=backend,
             servers=int(nservers),
             hosts=args.hosts,
-            server_rss_mib=[round(after[p].get("VmRSS", 0), 1) for p in after],
-            server_peak_rss_mib=[round(after[p].get("VmHWM", 0), 1) for p in after],
-            server_cpu_s=[round(after[p].get("cpu_s", 0) - before[p].get("cpu_s", 0), 1) for p in after],
-            postgres_cpu_s=round(_pg_cpu(_postmaster(pg)) - pg_before, 1) if pg else None,
+            server_rss_mib=[round(st.get("VmRSS", 0), 1) for st in status],
+            server_peak_rss_mib=[round(st.get("VmHWM", 0), 1) for st in status],
         )
-        sizes = result.pop("_sizes")
-        issued = result["enroll"].get("ok", 0) + result["renew"].get("ok", 0)
-        result["db_bytes"] = {"empty": empty, "with_tokens": with_tokens, **sizes}
+        result["db_bytes"].update(empty=empty, with_tokens=with_tokens)
         if result["enroll"].get("ok"):
-            result["db_bytes_per_1000_hosts"] = round((sizes["after_enroll"] - empty) / result["enroll"]["ok"] * 1000)
-        if result["renew"].get("ok"):
-            result["db_bytes_per_renewal"] = round(
-                (sizes["after_renew"] - sizes["after_enroll"]) / result["renew"]["ok"]
+            result["db_bytes_per_1000_hosts"] = round(
+                result["enroll"]["db_bytes_added"] / result["enroll"]["ok"] * 1000
             )
-        if issued:
-            result["server_cpu_ms_per_issuance"] = round(sum(result["server_cpu_s"]) * 1000 / issued, 2)
-            if pg:
-                result["postgres_cpu_ms_per_issuance"] = round(result["postgres_cpu_s"] * 1000 / issued, 2)
+        if result["renew"].get("ok"):
+            result["db_bytes_per_renewal"] = round(result["renew"]["db_bytes_added"] / result["renew"]["ok"])
         return result
     finally:
         for s in servers:
@@ -282,14 +298,18 @@ def _drive(
     addresses: list[str],
     fingerprint: str,
     secrets: list[str],
-    servers: list[Any],
+    sample: Callable[[], dict[str, float]],
     db: str,
 ) -> dict[str, Any]:
+    """Run the workers; at each phase end sample the database size and ``sample()`` (CPU counters)."""
     ctx = multiprocessing.get_context("spawn")
     barrier = ctx.Barrier(args.workers)
     progress_q = ctx.Queue()
     out_q = ctx.Queue()
     deadline = time.time() + args.time_cap
+    n = len(secrets)
+    poll_hosts = min(n, args.poll_hosts)
+    totals = {"enroll": n, "renew": n, "poll": poll_hosts}
     jobs = [
         {
             "servers": addresses,
@@ -297,28 +317,28 @@ def _drive(
             "fingerprint": fingerprint,
             "deadline": deadline,
             "concurrency": args.concurrency,
-            "hosts": [(i, secrets[i]) for i in range(w, len(secrets), args.workers)],
+            "hosts": [(i, secrets[i]) for i in range(w, n, args.workers)],
+            "poll_hosts": -(-poll_hosts // args.workers),
         }
         for w in range(args.workers)
     ]
     workers = [ctx.Process(target=_worker, args=(job, barrier, progress_q, out_q)) for job in jobs]
+    marks: dict[str, dict[str, Any]] = {"start": {"cpu": sample(), "db": _db_bytes(db)}}
     for w in workers:
         w.start()
-    sizes: dict[str, int] = {}
     timings: list[dict[str, list[tuple[float, float, bool]]]] = []
-    n = len(secrets)
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
     ) as bar:
-        tasks = {p: bar.add_task(p, total=n) for p in ("enroll", "renew")}
-        done = {"enroll": 0, "renew": 0}
-        while len(timings) < len(workers) and time.time() < deadline + 120:
+        tasks = {p: bar.add_task(p, total=totals[p]) for p in PHASES}
+        done = dict.fromkeys(PHASES, 0)
+        while len(timings) < len(workers) and time.time() < deadline + 180:
             try:
                 phase, k, _failed = progress_q.get(timeout=0.5)
                 done[phase] += k
                 bar.advance(tasks[phase], k)
-                if phase == "enroll" and done["enroll"] == n and "after_enroll" not in sizes:
-                    sizes["after_enroll"] = _db_bytes(db)
+                if done[phase] >= totals[phase] and phase not in marks:
+                    marks[phase] = {"cpu": sample(), "db": _db_bytes(db)}
             except queue.Empty:
                 pass
             while True:
@@ -330,22 +350,34 @@ def _drive(
         w.join(30)
         if w.is_alive():
             w.kill()
-    sizes.setdefault("after_enroll", _db_bytes(db))
-    sizes["after_renew"] = _db_bytes(db)
-    merged: dict[str, list[tuple[float, float, bool]]] = {"enroll": [], "renew": []}
+    merged: dict[str, list[tuple[float, float, bool]]] = {p: [] for p in PHASES}
     for t in timings:
-        for phase in merged:
+        for phase in PHASES:
             merged[phase] += t[phase]
-    complete = all(len(merged[p]) == n for p in merged) and len(timings) == len(workers)
-    return {
-        "complete": complete,
-        "enroll": _summary(merged["enroll"]),
-        "renew": _summary(merged["renew"]),
-        "_sizes": sizes,
+    result: dict[str, Any] = {
+        "complete": all(len(merged[p]) == totals[p] for p in PHASES) and len(timings) == len(workers)
     }
+    before = marks["start"]
+    for phase in PHASES:  # per phase: client view, CPU spent by each counter, database growth
+        after = marks.get(phase) or {"cpu": sample(), "db": _db_bytes(db)}
+        summary = _summary(merged[phase])
+        summary["cpu_s"] = {k: round(after["cpu"][k] - before["cpu"].get(k, 0.0), 2) for k in after["cpu"]}
+        summary["db_bytes_added"] = after["db"] - before["db"]
+        if summary.get("ok"):
+            summary["cpu_ms_per_op"] = {k: round(v * 1000 / summary["ok"], 2) for k, v in summary["cpu_s"].items()}
+        result[phase] = summary
+        before = after
+    result["db_bytes"] = {"start": marks["start"]["db"], "end": before["db"]}
+    return result
 
 
 # ---------------------------------------------------------------- report
+def _cpu_ms(phase: dict[str, Any], who: str) -> str:
+    per = phase.get("cpu_ms_per_op", {})
+    vals = [v for k, v in per.items() if k.startswith(who)]
+    return f"{sum(vals):.1f}" if vals else "-"
+
+
 def _md(data: dict[str, Any]) -> str:
     c = data["conditions"]
     lines = [
@@ -353,28 +385,32 @@ def _md(data: dict[str, Any]) -> str:
         "",
         f"Machine: {c['cpus']} CPUs, Python {c['python']}; clients on the same machine "
         f"({c['workers']} processes x {c['concurrency']} threads). Generated by `python -m bench scale`.",
+        "A poll round is one agent sync round: GET policy, revocations, registry, bundle (4 TLS connections).",
+        "CPU ms are per operation (per issuance, per poll round), summed over the servers / the PostgreSQL cluster.",
         "",
-        "| config | hosts | enroll/s | enroll p50/p99 ms | renew/s | renew p50/p99 ms | server RSS MiB (peak) "
-        "| server CPU ms/issuance | PG CPU ms/issuance | DB bytes/1000 hosts | DB bytes/renewal "
-        "| load avg | complete |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| config | hosts | enroll/s | p50/p99 ms | renew/s | p50/p99 ms | poll rounds/s | p50/p99 ms "
+        "| server CPU ms/renewal | PG CPU ms/renewal | server CPU ms/poll round | PG CPU ms/poll round "
+        "| server RSS MiB (peak) | DB bytes/1000 hosts | DB bytes/renewal | load avg | complete |",
+        "|" + "---|" * 17,
     ]
     for name in CONFIGS:
         r = data["runs"].get(name)
         if not r:
             continue
-        e, w = r["enroll"], r["renew"]
+        e, w, q = r["enroll"], r["renew"], r["poll"]
         rss = ", ".join(f"{a} ({b})" for a, b in zip(r["server_rss_mib"], r["server_peak_rss_mib"], strict=True))
         lines.append(
             f"| {name} | {r['hosts']} | {e.get('per_second')} | {e.get('p50_ms')}/{e.get('p99_ms')} "
-            f"| {w.get('per_second')} | {w.get('p50_ms')}/{w.get('p99_ms')} | {rss} "
-            f"| {r.get('server_cpu_ms_per_issuance')} | {r.get('postgres_cpu_ms_per_issuance', '-')} "
-            f"| {r.get('db_bytes_per_1000_hosts')} | {r.get('db_bytes_per_renewal')} "
+            f"| {w.get('per_second')} | {w.get('p50_ms')}/{w.get('p99_ms')} "
+            f"| {q.get('per_second')} | {q.get('p50_ms')}/{q.get('p99_ms')} "
+            f"| {_cpu_ms(w, 'server')} | {_cpu_ms(w, 'postgres')} | {_cpu_ms(q, 'server')} | {_cpu_ms(q, 'postgres')} "
+            f"| {rss} | {r.get('db_bytes_per_1000_hosts')} | {r.get('db_bytes_per_renewal')} "
             f"| {r['loadavg_before']} -> {r['loadavg_after']} | {r['complete']} |"
         )
-    lines += ["", "Failures (enroll/renew) per run:", ""]
+    lines += ["", "Failures (enroll/renew/poll) per run:", ""]
     for name, r in sorted(data["runs"].items()):
-        lines.append(f"- {name}: {r['enroll'].get('failed')}/{r['renew'].get('failed')} at {r['finished']}")
+        fails = "/".join(str(r[p].get("failed")) for p in PHASES)
+        lines.append(f"- {name}: {fails}, finished {r['finished']}")
     return "\n".join(lines) + "\n"
 
 
@@ -385,6 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {', '.join(CONFIGS)}")
     p.add_argument("--workers", type=int, default=3, help="client processes (default 3)")
     p.add_argument("--concurrency", type=int, default=6, help="threads per client process (default 6)")
+    p.add_argument("--poll-hosts", type=int, default=1000, help="hosts that make one sync round (default 1000)")
     p.add_argument("--time-cap", type=float, default=1800, help="seconds per configuration (default 1800)")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
@@ -416,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
         data["runs"][name] = result
         path.write_text(json.dumps(data, indent=2) + "\n")
         (args.out / "scale.md").write_text(_md(data))
-        console.print(json.dumps({k: result[k] for k in ("enroll", "renew", "complete")}))
+        console.print(json.dumps({k: result[k] for k in (*PHASES, "complete")}))
     console.print(f"results: {path} and {args.out / 'scale.md'}")
     return 0
 
