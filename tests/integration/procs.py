@@ -179,7 +179,7 @@ def start_server(data_dir: Path, td: str = "example.org", leaf_ttl: str = "1h", 
     return ServerProc(data_dir, listen, _start_server_proc(data_dir, listen, log_path, metrics), log_path, metrics)
 
 
-def init_peer_server(first: Path, data_dir: Path) -> str:
+def init_peer_server(first: Path, data_dir: Path, listen: str | None = None) -> str:
     """Set up a second server for the same database and trust domain as the one in ``first``; return its listen address.
 
     The ONE place tests make a second server. Until ``server init --join-cluster``
@@ -187,7 +187,7 @@ def init_peer_server(first: Path, data_dir: Path) -> str:
     own listen port and data dir).
     """
     cfg = server_config.load(first)
-    listen = f"127.0.0.1:{free_port()}"
+    listen = listen or f"127.0.0.1:{free_port()}"
     data_dir.mkdir(mode=0o700, parents=True)
     shutil.copytree(first / "ca", data_dir / "ca")
     dataclasses.replace(cfg, data_dir=data_dir, listen=listen, advertise=()).save()

@@ -86,7 +86,9 @@ class Fleet:
         proc = self.site(host).popen(argv, log=log, env={CANARY_ENV: self.canary})
         wait_for("service", ready.exists, proc, log)
 
-    def start_agent(self, host: Host, name: str, *args: str, want_routes: bool = False) -> dict[str, Any]:
+    def start_agent(
+        self, host: Host, name: str, *args: str, want_routes: bool = False, timeout: float = 20
+    ) -> dict[str, Any]:
         """``agent run`` in ``host`` (tunnel on HOST_ADDR:7444, advertised); return its run file."""
         data = self.tmp / f"agent-{name}"
         log = self.tmp / f"agent-{name}.log"
@@ -101,7 +103,7 @@ class Fleet:
             info = read_json(data / "run" / "address.json")
             return info if info and (info.get("routes") or not want_routes) else None
 
-        return dict(wait_for(f"agent {name}", ready, proc, log))
+        return dict(wait_for(f"agent {name}", ready, proc, log, timeout))
 
     def fetch(self, host: Host, target: str, *, tries: int = 60) -> str:
         """The client in ``host`` GETs the service at ``target``; retried (bounded) until the canary comes back."""
