@@ -26,14 +26,13 @@ from tapproof.logs import log_event
 from tapproof.pki import certs
 from tapproof.tls import context, unsafe
 from tapproof.tls.credentials import Credentials, TrustBundle
+from tapproof.tls.reasons import verify_reason
 
 log = logging.getLogger(__name__)
 
 __all__ = ["CredStore", "Material", "take_verify_error"]
 
 _verify = threading.local()
-# OpenSSL X509_V_ERR_* codes worth their own refusal reason.
-_VERIFY_REASONS = {9: "not-yet-valid", 10: "expired", 23: "revoked"}
 
 
 def _verify_hook(errno: int, _depth: int, ok: bool) -> None:
@@ -48,7 +47,7 @@ def take_verify_error() -> str | None:
     _verify.errno = 0
     if errno == 0:
         return None
-    return _VERIFY_REASONS.get(errno, "untrusted")
+    return verify_reason(errno)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -42,6 +42,7 @@ from tapproof.pki.keys import PrivateKey, signing_hash
 from tapproof.tls import context, unsafe
 from tapproof.tls.credentials import Credentials, TrustBundle
 from tapproof.tls.peer import check_peer
+from tapproof.tls.reasons import verify_reason
 from tapproof.tls.stream import TLSStream
 
 __all__ = [
@@ -60,18 +61,6 @@ BOOTSTRAP_CN = "tapproof enrollment bootstrap"
 _SELF_SIGNED_LEAF = 18  # X509_V_ERR_DEPTH_ZERO_SELF_SIGNED_CERT
 _BOOTSTRAP_VALIDITY = dt.timedelta(days=1)  # either side: the handshake, not the dates, proves freshness
 _BOOTSTRAP_CURVES = (ec.SECP256R1, ec.SECP384R1)
-# OpenSSL X509_V_ERR_* codes -> refusal reasons (anything else: "untrusted").
-_VERIFY_REASONS = {
-    9: "not-yet-valid",
-    10: "expired",
-    23: "revoked",
-    26: "bad-key-usage",  # invalid purpose: no clientAuth / digitalSignature
-    47: "wrong-trust-domain",  # URI outside the CA's name constraint
-    48: "wrong-trust-domain",
-    66: "weak-key",  # EE key too small
-    67: "weak-key",
-    68: "weak-signature",  # signature digest too weak (SHA-1, MD5)
-}
 
 _verify = threading.local()
 _BOOTSTRAP: weakref.WeakSet[SSL.Connection] = weakref.WeakSet()  # handshakes passed on a bootstrap certificate
@@ -113,7 +102,7 @@ def api_server_context(
 def handshake_reason(exc: PeerRejected, verify_errno: int) -> str:
     """A short, stable reason for a refused handshake (for the log line and the metric)."""
     if verify_errno:
-        return _VERIFY_REASONS.get(verify_errno, "untrusted")
+        return verify_reason(verify_errno)
     if exc.reason is not PeerReason.HANDSHAKE_FAILED:
         return str(exc.reason.value)
     detail = exc.detail.lower()
