@@ -18,24 +18,37 @@ loop fills.
 * ``tapproof_agent_certificate_expiry_seconds`` is updated every round; a
   warning is logged (at most every 30 s) once less than a quarter of the
   lifetime is left, an error once it has expired.
+* Root rotation (docs/rotation.md): ``/v1/bundle`` names the ``active`` root.
+  A new bundle is reported back at once (``bundle`` in the registration), so
+  ``server ca rotate activate`` knows every agent holds the next root; a
+  chain that ends at another root than the active one is renewed early,
+  after a random delay of up to ``min(60 s, lifetime/10)`` (no thundering
+  herd), so ``rotate retire`` need not wait for leaves to expire.
+* ``tapproof_agent_ca_expiry_seconds{kind,cert}`` and
+  ``tapproof_agent_ca_expiry_warning{kind,cert}``: leaf, intermediate(s) and
+  every root of the bundle, warning thresholds from ``TAPPROOF_EXPIRY_WARN``
+  (same syntax as the server's ``--expiry-warn``; default 25%).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import random
 import threading
 import time
 from typing import Any
 
 from tapproof.agent import renew as renewal
-from tapproof.agent.metrics import CERT_EXPIRY, CONTROL_PLANE_UP, RENEWALS
+from tapproof.agent.metrics import CA_EXPIRY, CA_WARNING, CERT_EXPIRY, CONTROL_PLANE_UP, RENEWALS
 from tapproof.agent.policycache import parse_policy
 from tapproof.agent.runtime import Runtime
 from tapproof.agent.state import load_identity, save_bundle
 from tapproof.control.client import APIClient
 from tapproof.errors import APIError, ConfigError, PKIError, TapproofError, TransportError
 from tapproof.logs import log_event
-from tapproof.tls.credentials import TrustBundle
+from tapproof.pki import expiry
+from tapproof.tls.credentials import Credentials, TrustBundle
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +72,11 @@ class SyncLoop:
         self._backoff = 0.0
         self._last_warn = 0.0
         self._was_up: bool | None = None
+        self._active = ""  # the root the server issues under (from /v1/bundle)
+        self._early_at = 0.0  # monotonic time of a pending early renewal (chain to a non-active root)
+        self.warn = expiry.parse_warn(
+            os.environ.get("TAPPROOF_EXPIRY_WARN") or expiry.DEFAULT, what="TAPPROOF_EXPIRY_WARN"
+        )
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="sync", daemon=True)
         CONTROL_PLANE_UP.set(0)
@@ -103,10 +121,7 @@ class SyncLoop:
         rt = self.rt
         now = time.monotonic()
         if self._register_needed or now - self._registered_at >= REGISTER_EVERY:
-            cfg = rt.config
-            body = {"advertise": rt.advertise, "services": {s.name: "" for s in cfg.services}}
-            self.client.call("PUT", "/v1/registration", body)
-            self._registered_at, self._register_needed = now, False
+            self._register(now)
         headers = [("If-None-Match", self._etag)] if self._etag else []
         status, rh, body = self.client.call("GET", "/v1/policy", None, headers)
         if status == 200:
@@ -130,8 +145,20 @@ class SyncLoop:
         self._bundle(self.client.get("/v1/bundle"))
         rt.last_sync = rt.now()
 
+    def _register(self, now: float) -> None:
+        rt = self.rt
+        body = {
+            "advertise": rt.advertise,
+            "services": {s.name: "" for s in rt.config.services},
+            "bundle": list(rt.creds.current.bundle.fingerprints),
+        }
+        self.client.call("PUT", "/v1/registration", body)
+        self._registered_at, self._register_needed = now, False
+
     def _bundle(self, body: Any) -> None:
         rt = self.rt
+        if isinstance(body, dict) and isinstance(body.get("active"), str):
+            self._active = body["active"]
         try:
             bundle = TrustBundle.from_pem(str(body["bundle"]).encode())
         except (KeyError, TypeError, PKIError) as exc:
@@ -141,6 +168,7 @@ class SyncLoop:
         save_bundle(rt.paths, bundle)
         rt.creds.swap(bundle=bundle)
         log_event(log, "bundle-updated", level=logging.WARNING, fingerprints=list(bundle.fingerprints))
+        self._register(time.monotonic())  # tell the control plane at once: rotation steps wait for it
 
     def _set_up(self, up: bool, exc: Exception | None) -> None:
         CONTROL_PLANE_UP.set(1 if up else 0)
@@ -159,7 +187,7 @@ class SyncLoop:
         rt = self.rt
         material = rt.creds.current
         now = rt.now()
-        if not material.creds.renewal_due(now, rt.config.renew_fraction):
+        if not material.creds.renewal_due(now, rt.config.renew_fraction) and not self._early(material.creds):
             self._backoff, self._next_renew_try = 0.0, 0.0
             return
         mono = time.monotonic()
@@ -188,11 +216,44 @@ class SyncLoop:
             log_event(log, "reload-after-renewal-failed", level=logging.WARNING, detail=str(exc))
             rt.creds.swap(new, None)
         self._backoff, self._next_renew_try = 0.0, 0.0
+        self._early_at = 0.0
         RENEWALS.labels("success").inc()
 
-    def _expiry(self) -> None:
-        creds = self.rt.creds.current.creds
+    def _early(self, creds: Credentials) -> bool:
+        """True once a chain ending at a non-active root waited out its random delay."""
+        bundle = self.rt.creds.current.bundle
+        if not self._active or self._active not in bundle.fingerprints:
+            self._early_at = 0.0
+            return False
+        if expiry.chain_root(creds.chain, bundle.roots) == self._active:
+            self._early_at = 0.0
+            return False
+        mono = time.monotonic()
+        if not self._early_at:
+            cap = max(0.0, min(60.0, creds.lifetime.total_seconds() / 10))
+            self._early_at = mono + random.uniform(0.0, cap)  # noqa: S311 - jitter, not a secret
+            self._next_renew_try = self._early_at
+            log_event(
+                log, "renewal-early", reason="chain to a non-active root", in_seconds=round(self._early_at - mono, 1)
+            )
+        return mono >= self._early_at
+
+    def expiries(self) -> list[dict[str, object]]:
+        """Leaf, intermediate(s) and roots with time left and warning flags (the agent's ``/status``)."""
+        material = self.rt.creds.current
         now = self.rt.now()
+        return [e.to_json(now, self.warn) for e in expiry.of_chain(material.creds.chain, material.bundle.roots)]
+
+    def _expiry(self) -> None:
+        material = self.rt.creds.current
+        creds = material.creds
+        now = self.rt.now()
+        CA_EXPIRY.clear()
+        CA_WARNING.clear()
+        for e in expiry.of_chain(creds.chain, material.bundle.roots):
+            CA_EXPIRY.labels(e.kind, e.name).set(e.seconds_left(now))
+            reached = self.warn.for_kind(e.kind).reached(e.not_before, e.not_after, now)
+            CA_WARNING.labels(e.kind, e.name).set(1 if reached else 0)
         left = (creds.not_after - now).total_seconds()
         CERT_EXPIRY.set(left)
         life = creds.lifetime.total_seconds()

@@ -6,20 +6,21 @@ import argparse
 import json
 import shutil
 import sys
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
+from tapproof.cli import serverca
 from tapproof.clock import SystemClock
 from tapproof.control import admin, runner
 from tapproof.control import config as server_config
 from tapproof.errors import ConfigError
 from tapproof.identity import check_trust_domain
-from tapproof.pki import certs, keys
-from tapproof.pki.ca import init_ca
-from tapproof.store import TrustRootRecord, migrate, open_store
+from tapproof.pki import cluster, keys
+from tapproof.store import migrate, open_store
 from tapproof.units import parse_duration
 
 
@@ -39,6 +40,7 @@ def register(sub: Any) -> None:
     sp.add_argument("--advertise", action="append", default=[], help="address agents dial (repeatable)")
     sp.add_argument("--leaf-ttl", default="1h", help="lifetime of host certificates (default %(default)s)")
     sp.add_argument("--identity-algorithm", default="ecdsa-p256", choices=keys.ALGORITHMS, help="CA key algorithm")
+    serverca.init_arguments(sp)
     sp.set_defaults(func=cmd_init)
 
     sp = ssub.add_parser("run", help="serve the API (mutual TLS 1.3, X25519MLKEM768)")
@@ -104,8 +106,11 @@ def register(sub: Any) -> None:
     sp = ssub.add_parser("status", help="CA expiry, hosts, services, certificates expiring soon")
     dd(sp)
     sp.add_argument("--soon", default="15m", help="what 'expiring soon' means (default %(default)s)")
+    sp.add_argument("--expiry-warn", help="warning thresholds, e.g. 25%% or 25%%,root=365d (default from server.toml)")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_status)
+
+    serverca.register(ssub, dd)
 
     sp = ssub.add_parser("audit-log", help="print the append-only audit log")
     dd(sp)
@@ -122,6 +127,8 @@ def cmd_init(args: argparse.Namespace) -> int:
     if (data_dir / "server.toml").exists() or (data_dir / "ca").exists():
         raise ConfigError(f"--data-dir: {data_dir} already holds a tapproof server; refusing to overwrite it")
     created = not data_dir.exists()
+    if args.join_cluster and not args.db:
+        raise ConfigError("--join-cluster: give --db postgresql://... (the database of the cluster to join)")
     cfg = server_config.ServerConfig(
         data_dir=data_dir,
         trust_domain=td,
@@ -129,16 +136,24 @@ def cmd_init(args: argparse.Namespace) -> int:
         listen=args.listen,
         advertise=tuple(args.advertise),
         leaf_ttl=parse_duration(args.leaf_ttl, what="--leaf-ttl"),
+        name=args.name,
+        intermediate_ttl=parse_duration(args.intermediate_ttl, what="--intermediate-ttl"),
+        expiry_warn=args.expiry_warn,
     )
     try:
         data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         store = open_store(cfg.db, migrate=True)
         try:
+            if args.join_cluster:
+                cfg.save()
+                return serverca.join(cfg, store, args.identity_algorithm, clock.now())
             if store.list_trust_roots():
-                raise ConfigError("--db: this database already belongs to a trust domain; use another database")
-            ca = init_ca(data_dir, td, clock.now(), args.identity_algorithm)
-            store.add_trust_root(
-                TrustRootRecord(ca.root_fingerprint, certs.to_pem(ca.root).decode(), "active", clock.now())
+                raise ConfigError(
+                    "--db: this database already belongs to a trust domain; use another database, "
+                    "or --join-cluster to add this server to it"
+                )
+            ca = cluster.bootstrap(
+                data_dir, store, td, cfg.name, clock.now(), args.identity_algorithm, cfg.intermediate_ttl
             )
             store.set_setting("trust_domain", td)
             store.append_audit(
@@ -249,7 +264,8 @@ def cmd_revoke(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """Show status."""
-    st = admin.admin_client(args.data_dir, SystemClock()).get(f"/v1/status?soon={args.soon}")
+    warn = f"&expiry_warn={urllib.parse.quote(args.expiry_warn)}" if args.expiry_warn else ""
+    st = admin.admin_client(args.data_dir, SystemClock()).get(f"/v1/status?soon={args.soon}{warn}")
     if args.json:
         print(json.dumps(st, indent=2))
         return 0
@@ -270,6 +286,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         for c in st["expiring_soon"]:
             e.add_row(c["serial"], c["spiffe_id"], c["not_after"])
         Console().print(e)
+    serverca.print_expiries(st)
     return 0
 
 

@@ -20,8 +20,7 @@ from tapproof.control import config as server_config
 from tapproof.control.client import APIClient
 from tapproof.errors import ConfigError
 from tapproof.fsutil import ensure_private_dir, write_atomic
-from tapproof.pki import certs
-from tapproof.pki.ca import load_ca
+from tapproof.pki import certs, cluster
 from tapproof.store import CertificateRecord, open_store
 from tapproof.tls import context
 from tapproof.tls.credentials import Credentials, TrustBundle
@@ -58,18 +57,19 @@ def admin_credentials(data_dir: Path, clock: Clock) -> Credentials:
     adir = Path(data_dir) / "admin"
     key_path, cert_path = adir / "admin.key", adir / "admin.crt"
     now = clock.now()
-    try:
-        creds = Credentials.load(key_path, cert_path)
-        remaining = creds.not_after - now
-        if remaining > (creds.not_after - creds.not_before) / 2:
-            return creds
-    except ConfigError:
-        pass
-    ca = load_ca(data_dir, cfg.trust_domain)
-    sid = identity.admin_id(cfg.trust_domain)
-    creds = ca.credentials_for(sid, now, ADMIN_LIFETIME)
     store = open_store(cfg.db)
     try:
+        ca = cluster.select(data_dir, store, cfg.trust_domain, cfg.name, now).ca
+        try:
+            creds = Credentials.load(key_path, cert_path)
+            remaining = creds.not_after - now
+            # reuse until half-life, unless a rotation moved this server to another intermediate or root
+            if remaining > (creds.not_after - creds.not_before) / 2 and creds.chain[1:] == (ca.intermediate,):
+                return creds
+        except ConfigError:
+            pass
+        sid = identity.admin_id(cfg.trust_domain)
+        creds = ca.credentials_for(sid, now, ADMIN_LIFETIME)
         leaf = creds.leaf
         store.record_certificate(
             CertificateRecord(
@@ -80,6 +80,7 @@ def admin_credentials(data_dir: Path, clock: Clock) -> Credentials:
                 leaf.not_valid_after_utc,
                 now,
                 "local-cli",
+                root=ca.root_fingerprint,
             )
         )
         store.append_audit(now, "local-cli", "admin-credential", {"serial": certs.serial_hex(leaf)})
@@ -90,11 +91,19 @@ def admin_credentials(data_dir: Path, clock: Clock) -> Credentials:
     return creds
 
 
+def trust_bundle(cfg: server_config.ServerConfig) -> TrustBundle:
+    """Every root of the shared bundle (the server's certificate may chain to any during a rotation)."""
+    store = open_store(cfg.db)
+    try:
+        return TrustBundle(tuple(cluster.root_certs(store).values()))
+    finally:
+        store.close()
+
+
 def admin_client(data_dir: Path, clock: Clock, *, server: str | None = None) -> APIClient:
     """An API client authenticated as the admin, for the server in ``data_dir``."""
     cfg = server_config.load(data_dir)
     creds = admin_credentials(data_dir, clock)
-    ca = load_ca(data_dir, cfg.trust_domain)
-    bundle = TrustBundle((ca.root,))
+    bundle = trust_bundle(cfg)
     servers = [server] if server else server_addresses(data_dir, cfg)
     return APIClient(servers, cfg.trust_domain, lambda: context.client_context(creds, bundle), now=clock.now)

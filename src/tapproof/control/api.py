@@ -140,7 +140,8 @@ def h_renew(cp: ControlPlane, req: Request, _m: re.Match[str]) -> Response:
 
 
 def h_bundle(cp: ControlPlane, _req: Request, _m: re.Match[str]) -> Response:
-    return Response(200, {"trust_domain": cp.td, "bundle": cp.bundle_pem()})
+    # "active": the root new certificates chain to; an agent whose chain ends elsewhere renews early
+    return Response(200, {"trust_domain": cp.td, "bundle": cp.bundle_pem(), "active": cp.ca.root_fingerprint})
 
 
 def h_register(cp: ControlPlane, req: Request, _m: re.Match[str]) -> Response:
@@ -149,7 +150,10 @@ def h_register(cp: ControlPlane, req: Request, _m: re.Match[str]) -> Response:
     services = body.get("services", {})
     if not isinstance(services, dict) or not all(isinstance(v, str) for v in services.values()):
         raise APIError(400, "bad-field", "services must be an object of name -> description")
-    cp.register(req.peer, _str(body, "advertise"), services)
+    bundle = body.get("bundle")
+    if bundle is not None and not (isinstance(bundle, list) and all(isinstance(f, str) for f in bundle)):
+        raise APIError(400, "bad-field", "bundle must be a list of root fingerprints")
+    cp.register(req.peer, _str(body, "advertise"), services, bundle)
     return Response(200, {"ok": True})
 
 
@@ -211,7 +215,10 @@ def h_revoke(cp: ControlPlane, req: Request, _m: re.Match[str]) -> Response:
 
 def h_status(cp: ControlPlane, req: Request, _m: re.Match[str]) -> Response:
     soon = parse_duration(req.query.get("soon", "15m"), what="soon")
-    return Response(200, cp.status(soon))
+    st = cp.status(soon)
+    if req.query.get("expiry_warn"):  # the CLI's --expiry-warn
+        st.update(cp.ca_status(cp.clock.now(), req.query["expiry_warn"]))
+    return Response(200, st)
 
 
 def h_audit(cp: ControlPlane, req: Request, _m: re.Match[str]) -> Response:

@@ -15,12 +15,14 @@ from typing import Any
 
 from tapproof.errors import ConfigError
 from tapproof.fsutil import write_atomic
-from tapproof.identity import check_trust_domain
+from tapproof.identity import check_name, check_trust_domain
+from tapproof.pki.expiry import parse_warn
 from tapproof.units import format_duration, parse_duration, parse_hostport
 
 DEFAULT_LISTEN = "127.0.0.1:7443"
 DEFAULT_METRICS = "127.0.0.1:7446"
 _KEYS = ("trust_domain", "db", "listen", "advertise", "leaf_ttl", "metrics", "unsafe_classical_groups")
+_CA_KEYS = ("name", "intermediate_ttl", "expiry_warn")  # CA rotation (docs/rotation.md)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +37,9 @@ class ServerConfig:
     leaf_ttl: dt.timedelta = dt.timedelta(hours=1)
     metrics: str = DEFAULT_METRICS  # "" disables the Prometheus endpoint
     unsafe_classical_groups: bool = False  # run-time only (flag/env), never written by init
+    name: str = "default"  # this server's name in the shared CA state (its intermediate); unique per database
+    intermediate_ttl: dt.timedelta = dt.timedelta(days=90)  # lifetime of intermediates this server signs
+    expiry_warn: str = "25%"  # thresholds: tapproof.pki.expiry
 
     def __post_init__(self) -> None:
         check_trust_domain(self.trust_domain)
@@ -43,6 +48,10 @@ class ServerConfig:
             parse_hostport(a, what="--advertise")
         if self.metrics:
             parse_hostport(self.metrics, what="--metrics", allow_zero=True)
+        check_name(self.name, what="--name")
+        parse_warn(self.expiry_warn)
+        if not dt.timedelta(minutes=10) <= self.intermediate_ttl <= dt.timedelta(days=3650):
+            raise ConfigError("--intermediate-ttl: must be between 10m and 3650d")
         if not dt.timedelta(minutes=1) <= self.leaf_ttl <= dt.timedelta(days=30):
             raise ConfigError("--leaf-ttl: must be between 1m and 30d")
         if not (self.db.startswith("sqlite:///") or self.db.startswith("postgresql://")):
@@ -63,6 +72,9 @@ class ServerConfig:
             f"advertise = {json.dumps(list(self.advertise))}",
             f"leaf_ttl = {json.dumps(format_duration(self.leaf_ttl))}",
             f"metrics = {json.dumps(self.metrics)}",
+            f"name = {json.dumps(self.name)}",
+            f"intermediate_ttl = {json.dumps(format_duration(self.intermediate_ttl))}",
+            f"expiry_warn = {json.dumps(self.expiry_warn)}",
         ]
         write_atomic(self.path, ("\n".join(lines) + "\n").encode(), mode=0o600)
 
@@ -91,10 +103,10 @@ def load(data_dir: Path, overrides: dict[str, Any] | None = None) -> ServerConfi
         raw: dict[str, Any] = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError) as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
-    unknown = set(raw) - set(_KEYS)
+    unknown = set(raw) - set(_KEYS) - set(_CA_KEYS)
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}")
-    for key in _KEYS:
+    for key in (*_KEYS, *_CA_KEYS):
         env = os.environ.get(f"TAPPROOF_{key.upper()}")
         if env is not None:
             raw[key] = env.split(",") if key == "advertise" else env
@@ -111,6 +123,9 @@ def load(data_dir: Path, overrides: dict[str, Any] | None = None) -> ServerConfi
             advertise=tuple(str(a) for a in advertise),
             leaf_ttl=parse_duration(str(raw.get("leaf_ttl", "1h")), what="leaf_ttl"),
             metrics=str(raw.get("metrics", DEFAULT_METRICS)),
+            name=str(raw.get("name", "default")),
+            intermediate_ttl=parse_duration(str(raw.get("intermediate_ttl", "90d")), what="intermediate_ttl"),
+            expiry_warn=str(raw.get("expiry_warn", "25%")),
             unsafe_classical_groups=_flag(raw.get("unsafe_classical_groups", False), "--unsafe-classical-groups"),
         )
     except KeyError as exc:

@@ -16,15 +16,15 @@ from prometheus_client import Gauge, start_http_server
 
 from tapproof import identity
 from tapproof.clock import Clock
-from tapproof.control import admin, tlsctx
+from tapproof.control import admin, camaint, tlsctx
 from tapproof.control import config as server_config
 from tapproof.control.httpserver import APIServer
 from tapproof.control.service import ControlPlane, address_list
 from tapproof.errors import ConfigError, StoreError, TransportError
 from tapproof.listener import bind
 from tapproof.logs import log_event
-from tapproof.pki import certs
-from tapproof.pki.ca import load_ca
+from tapproof.pki import certs, cluster
+from tapproof.pki.expiry import parse_warn
 from tapproof.store import CertificateRecord, open_store
 from tapproof.tls import unsafe
 from tapproof.tls.credentials import Credentials, TrustBundle
@@ -64,13 +64,15 @@ class ServerCredentials:
                 leaf.not_valid_before_utc,
                 leaf.not_valid_after_utc,
                 now,
-                cp.name,
+                cp.config.name,
+                root=cp.ca.root_fingerprint,
             )
         )
         bundle = TrustBundle.from_pem(cp.bundle_pem().encode())
         ctx = tlsctx.api_server_context(full, bundle, unsafe_classical_groups=cp.config.unsafe_classical_groups)
         with self._lock:
             self._creds, self._ctx = full, ctx
+        cp.server_leaf = leaf
         log_event(log, "server-credentials", serial=certs.serial_hex(leaf), not_after=leaf.not_valid_after_utc)
 
     def context(self) -> SSL.Context:
@@ -78,6 +80,13 @@ class ServerCredentials:
         with self._lock:
             assert self._ctx is not None  # noqa: S101 - set in __init__
             return self._ctx
+
+    @property
+    def leaf(self) -> Any:
+        """The current server certificate."""
+        with self._lock:
+            assert self._creds is not None  # noqa: S101
+            return self._creds.leaf
 
     def due(self) -> bool:
         """True past half-life."""
@@ -91,7 +100,7 @@ def run(data_dir: Path, overrides: dict[str, Any], clock: Clock) -> int:
     """Run the server until SIGTERM/SIGINT."""
     cfg = server_config.load(data_dir, overrides)
     store = open_store(cfg.db)
-    ca = load_ca(data_dir, cfg.trust_domain)
+    ca = cluster.select(data_dir, store, cfg.trust_domain, cfg.name, clock.now()).ca
     host, port = parse_hostport(cfg.listen, what="--listen", allow_zero=True)
     sock = bind(host, port, what="--listen")
     addresses = address_list(cfg.listen, int(sock.getsockname()[1]), cfg.advertise)
@@ -131,6 +140,14 @@ def run(data_dir: Path, overrides: dict[str, Any], clock: Clock) -> int:
                 log.exception("server-credentials-refresh-failed", extra={"event": "server-credentials-failed"})
 
     threading.Thread(target=maintain, daemon=True, name="maintain").start()
+    ca_maint = camaint.CAMaintainer(cp, creds, data_dir, parse_warn(cfg.expiry_warn))
+    camaint.run_round(ca_maint)
+
+    def maintain_ca() -> None:
+        while not stop.wait(camaint.CA_POLL):
+            camaint.run_round(ca_maint)
+
+    threading.Thread(target=maintain_ca, daemon=True, name="maintain-ca").start()
     UNSAFE_CLASSICAL_GROUPS.set(1 if cfg.unsafe_classical_groups else 0)
     if cfg.unsafe_classical_groups:
         log_event(log, "unsafe-classical-groups", level=logging.WARNING, warning=unsafe.WARNING)

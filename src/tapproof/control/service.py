@@ -72,6 +72,7 @@ class ControlPlane:
         self.name = str(identity.server_id(self.td))
         self._revoked_cache: tuple[float, frozenset[str]] = (-1e9, frozenset())
         self._lock = threading.Lock()
+        self.server_leaf: Any = None  # this server's own TLS certificate (set by the runner)
 
     # --- helpers -------------------------------------------------------------
     def audit(self, actor: str, event: str, **detail: Any) -> None:
@@ -87,8 +88,9 @@ class ControlPlane:
             not_before=leaf.not_valid_before_utc,
             not_after=leaf.not_valid_after_utc,
             issued_at=self.clock.now(),
-            issuer=self.name,
+            issuer=self.config.name,
             host=host,
+            root=self.ca.root_fingerprint,
         )
 
     def bundle_pem(self) -> str:
@@ -97,6 +99,10 @@ class ControlPlane:
         if not roots:
             return certs.to_pem(self.ca.root).decode()
         return "".join(r.cert_pem for r in roots)
+
+    def bundle_fingerprints(self) -> list[str]:
+        """Fingerprints of the roots in the bundle, oldest first."""
+        return [r.fingerprint for r in self.store.list_trust_roots()] or [self.ca.root_fingerprint]
 
     def revoked_serials(self, max_age: float = 2.0) -> frozenset[str]:
         """Revoked serials, cached for ``max_age`` seconds (checked on every API connection)."""
@@ -228,8 +234,10 @@ class ControlPlane:
         return self._issued(chain)
 
     # --- registry ---------------------------------------------------------------
-    def register(self, peer: identity.SpiffeID, advertise: str, services: dict[str, str]) -> None:
-        """Record the host's advertised tunnel address and the services it fronts."""
+    def register(
+        self, peer: identity.SpiffeID, advertise: str, services: dict[str, str], bundle: list[str] | None = None
+    ) -> None:
+        """Record the host's advertised tunnel address, the services it fronts and the roots it holds."""
         if peer.kind is not identity.Kind.HOST:
             raise PeerRejected(PeerReason.WRONG_IDENTITY, f"{peer} cannot register services")
         parse_hostport(advertise, what="advertise")
@@ -237,7 +245,8 @@ class ControlPlane:
         recs = [
             ServiceRecord(identity.check_name(name, what="service"), peer.name, advertise, now) for name in services
         ]
-        self.store.update_host_seen(peer.name, now, advertise)
+        held = ",".join(sorted(f for f in bundle if isinstance(f, str))[:8]) if bundle is not None else None
+        self.store.update_host_seen(peer.name, now, advertise, bundle=held)
         self.store.register_services(peer.name, recs)
 
     def registry(self) -> dict[str, Any]:
@@ -350,6 +359,37 @@ class ControlPlane:
             "default_policy": self.store.get_setting("default_policy", "allow"),
             "addresses": self.server_addresses,
             "unsafe_classical_groups": self.config.unsafe_classical_groups,
+            **self.ca_status(now),
+        }
+
+    def ca_status(self, now: dt.datetime, warn: str | None = None) -> dict[str, Any]:
+        """Every expiry (this server's leaf, every intermediate, every root) and the rotation state."""
+        from tapproof.pki import expiry, rotation
+
+        policy = expiry.parse_warn(warn or self.config.expiry_warn)
+        roots = self.store.list_trust_roots()
+        items: list[dict[str, Any]] = []
+        if self.server_leaf is not None:
+            items.append({**expiry.of_cert("leaf", self.server_leaf).to_json(now, policy), "server": self.config.name})
+        for i in self.store.list_intermediates():
+            if i.not_after > now:
+                cert = certs.load_pem_chain(i.cert_pem.encode())[0]
+                items.append({**expiry.of_cert("intermediate", cert).to_json(now, policy), "server": i.server})
+        for r in roots:
+            cert = certs.load_pem_chain(r.cert_pem.encode())[0]
+            items.append({**expiry.of_cert("root", cert).to_json(now, policy), "state": r.state})
+        return {
+            "expiries": items,
+            "expiry_warn": warn or self.config.expiry_warn,
+            "warnings": [f"{e['kind']} {e['name']} expires in {e['seconds_left']}s" for e in items if e["warn"]],
+            "ca": {
+                "phase": rotation.phase(roots),
+                "servers": [
+                    {"name": s.name, "root": s.root[:16], "seen": s.seen_at.isoformat()}
+                    for s in self.store.list_ca_servers()
+                ],
+                "pending_requests": [r.server for r in self.store.list_ca_requests()],
+            },
         }
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import secrets
 from collections.abc import Sequence
 from typing import Any, cast
 
@@ -74,7 +75,8 @@ def _public(key: PrivateKey) -> PublicKey:
 
 def make_root(key: PrivateKey, trust_domain: str, now: dt.datetime, lifetime: dt.timedelta) -> x509.Certificate:
     """Self-signed root CA for ``trust_domain`` (path length 1: one intermediate below it)."""
-    name = _name(f"tapproof root CA {now:%Y-%m-%d %H:%M:%S}", trust_domain)
+    # a random tag: two roots made in one second (a quick rotation) still get distinct names
+    name = _name(f"tapproof root CA {now:%Y-%m-%d %H:%M:%S} {secrets.token_hex(3)}", trust_domain)
     ski = x509.SubjectKeyIdentifier.from_public_key(_public(key))
     builder = (
         x509.CertificateBuilder()
@@ -93,7 +95,7 @@ def make_root(key: PrivateKey, trust_domain: str, now: dt.datetime, lifetime: dt
 
 
 def make_intermediate(
-    key: PrivateKey,
+    key: PrivateKey | PublicKey,
     root_key: PrivateKey,
     root: x509.Certificate,
     trust_domain: str,
@@ -101,19 +103,23 @@ def make_intermediate(
     now: dt.datetime,
     lifetime: dt.timedelta,
 ) -> x509.Certificate:
-    """An intermediate signing CA under ``root`` (path length 0), never outliving the root."""
+    """An intermediate signing CA under ``root`` (path length 0), never outliving the root.
+
+    ``key`` may be the intermediate's public key alone (signing another server's request).
+    """
+    public = key if isinstance(key, ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey) else _public(key)
     not_after = min(now + lifetime, root.not_valid_after_utc)
     builder = (
         x509.CertificateBuilder()
         .subject_name(_name(f"tapproof intermediate CA {label}", trust_domain))
         .issuer_name(root.subject)
-        .public_key(_public(key))
+        .public_key(public)
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - BACKDATE)
         .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(_ca_key_usage(), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(_public(key)), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
         .add_extension(_aki(root), critical=False)
         .add_extension(_name_constraints(trust_domain), critical=True)
     )
