@@ -554,4 +554,23 @@ def test_audit_concurrent_appends_get_distinct_ids(store: Store) -> None:
     assert [e.entry_id for e in store.list_audit()] == sorted(got)
 
 
+# --- control-plane servers -------------------------------------------------------
+
+
+def test_servers_listed_most_recent_first_and_stale_ones_dropped(store: Store) -> None:
+    assert store.list_servers(T0 - HOUR) == []
+    store.register_server("10.0.0.1:7443", T0 - 2 * HOUR)
+    store.register_server("10.0.0.2:7443", T0)
+    store.register_server("[fd00::3]:7443", T0 - MIN)
+    assert store.list_servers(T0 - HOUR) == ["10.0.0.2:7443", "[fd00::3]:7443"]
+    store.register_server("10.0.0.1:7443", T0 + MIN)  # announces again: back in, first
+    assert store.list_servers(T0 - HOUR) == ["10.0.0.1:7443", "10.0.0.2:7443", "[fd00::3]:7443"]
+    assert store.get_setting("default_policy") is None  # server rows do not leak into other settings
+
+
+def test_concurrent_server_announcements_are_all_kept(store: Store) -> None:
+    run_threads(10, lambda i: store.register_server(f"10.0.1.{i}:7443", T0 + i * MIN))
+    assert store.list_servers(T0) == [f"10.0.1.{i}:7443" for i in reversed(range(10))]
+
+
 __all__ = [name for name in globals() if name.startswith("test_")]
