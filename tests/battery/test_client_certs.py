@@ -127,13 +127,18 @@ def _samples(url: str) -> list[tuple[str, dict[str, str], float]]:
     return [(s.name, s.labels, s.value) for f in text_string_to_metric_families(text) for s in f.samples]
 
 
-def server_metric(lab: Lab, name: str, **labels: str) -> float:
-    """Sum of the server's samples called ``name`` whose labels include ``labels``."""
+def server_metric_at(metrics: str, name: str, **labels: str) -> float:
+    """Sum of the samples called ``name`` whose labels include ``labels``, at ``metrics`` (HOST:PORT)."""
     return sum(
         v
-        for n, lb, v in _samples(f"http://{lab.srv.metrics}/metrics")
+        for n, lb, v in _samples(f"http://{metrics}/metrics")
         if n == name and all(lb.get(k) == x for k, x in labels.items())
     )
+
+
+def server_metric(lab: Lab, name: str, **labels: str) -> float:
+    """The control plane's metric ``name`` (summed over the labels not given)."""
+    return server_metric_at(lab.srv.metrics, name, **labels)
 
 
 def refusal_lines(events: list[dict[str, object]], event: str, reason: str) -> int:
