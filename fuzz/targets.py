@@ -24,6 +24,7 @@ from tapproof.audit.errors import AuditInputError, TLSParseError
 from tapproof.audit.tls import parse as parse_tls
 from tapproof.control import api, joinstring
 from tapproof.errors import JoinStringError, RemoteProtocolError
+from tapproof.tunnel import mux
 from tapproof.tunnel.preamble import ClientPreamble, ServerPreamble
 
 JOIN_SEEDS = [
@@ -98,6 +99,37 @@ def preamble(data: bytes) -> None:
         try:
             if machine.feed(data) is None:
                 machine.feed_eof()
+        except RemoteProtocolError:
+            pass
+
+
+def _mux_seeds() -> list[bytes]:
+    client = mux.MuxConnection(client=True)
+    sid = client.send_open("redis", "10.0.0.2:5000")
+    client.send_open("10.0.0.1:6379")
+    opens = client.data_to_send()
+    server = mux.MuxConnection(client=False)
+    server.receive_data(opens)
+    server.send_result(sid, 200)
+    server.send_data(sid, b"hello")
+    server.send_fin(sid)
+    server.send_reset(2)
+    server.send_ping(b"12345678")
+    server.send_goaway()
+    return [opens, server.data_to_send()]
+
+
+MUX_SEEDS = _mux_seeds()
+
+
+def mux_frames(data: bytes) -> None:
+    """Both mux machines (after one OPEN, so stream frames have a stream): events or RemoteProtocolError."""
+    client = mux.MuxConnection(client=True)
+    client.send_open("redis")
+    for machine in (mux.MuxConnection(client=False), client):
+        try:
+            for i in range(0, len(data), 7):  # in pieces: frames split across reads
+                machine.receive_data(data[i : i + 7])
         except RemoteProtocolError:
             pass
 
@@ -264,6 +296,7 @@ TARGETS: dict[str, tuple[Callable[[], Callable[[bytes], None]], list[bytes]]] = 
     "join-string": (lambda: join_string, JOIN_SEEDS),
     "spiffe-id": (lambda: spiffe_id, ID_SEEDS),
     "preamble": (lambda: preamble, PREAMBLE_SEEDS),
+    "mux-frames": (lambda: mux_frames, MUX_SEEDS),
     "tls-records": (lambda: tls_records, _tls_seeds()),
     "pcap": (lambda: pcap_file, [_pcap_seed()]),
     "api-json": (control_api, API_SEEDS),
