@@ -28,7 +28,6 @@ _NOT_TLS = (
     "unknown protocol",
     "packet length too long",
     "record layer failure",
-    "unsupported protocol",
     "record too long",
     "bad record type",
 )
@@ -41,6 +40,8 @@ def handshake_reason(exc: PeerRejected, verify_error: str | None) -> str:
     detail = exc.detail.lower()
     if exc.reason.value != "handshake-failed":
         return exc.reason.value
+    if "unsupported protocol" in detail or "version too low" in detail:
+        return "not-tls13"  # TLS 1.2 or older offered
     if any(s in detail for s in _NOT_TLS):
         return "not-tls"
     if "did not return a certificate" in detail or "peer did not return" in detail:
