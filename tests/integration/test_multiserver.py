@@ -262,7 +262,7 @@ def test_postgres_outage_answers_503_keeps_tunnels_and_recovers_without_restarts
         echo.close()
 
 
-def test_sqlite_file_unusable_answers_503_and_recovers_without_restarts(tmp_path: Path) -> None:
+def test_sqlite_file_unusable_answers_503_recovers_and_agents_learn_new_servers(tmp_path: Path) -> None:
     srv = procs.start_server(tmp_path / "srv", leaf_ttl="1m")
     agent = None
     db = tmp_path / "srv" / "tapproof.db"
@@ -292,6 +292,18 @@ def test_sqlite_file_unusable_answers_503_and_recovers_without_restarts(tmp_path
         assert _server_metric(srv, "tapproof_store_up") == 1
         assert srv.proc.poll() is None
         assert agent.proc.poll() is None
+
+        # a server added after the agent enrolled: the agent learns it, keeps it, and fails over to it
+        peer = procs.start_peer_server(srv, tmp_path / "peer")
+        try:
+            procs.wait_for(lambda: peer.address in (tmp_path / "a" / "agent.toml").read_text(), 20, "the new server")
+            assert agent.events("servers-updated")
+            srv.kill()
+            renewed = _renewed(agent)
+            procs.wait_for(lambda: _renewed(agent) > renewed, 30, "a renewal through the new server", step=0.5)
+            assert agent.metric("tapproof_agent_control_plane_up") == 1
+        finally:
+            peer.stop()
     finally:
         if agent is not None:
             agent.stop()

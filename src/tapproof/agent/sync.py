@@ -32,6 +32,7 @@ loop fills.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
@@ -46,13 +47,18 @@ from tapproof.agent.runtime import Runtime
 from tapproof.agent.state import load_identity, save_bundle
 from tapproof.control.client import APIClient
 from tapproof.errors import APIError, ConfigError, PKIError, TapproofError, TransportError
+from tapproof.fsutil import write_atomic
 from tapproof.logs import log_event
 from tapproof.pki import expiry
 from tapproof.tls.credentials import Credentials, TrustBundle
+from tapproof.units import format_hostport, parse_hostport
 
 log = logging.getLogger(__name__)
 
 __all__ = ["REGISTER_EVERY", "SyncLoop"]
+
+MAX_SERVERS = 16
+"""At most this many control-plane addresses are kept from the server's list."""
 
 REGISTER_EVERY = 60.0
 """Seconds between re-registrations (the server also learns liveness from them)."""
@@ -157,6 +163,8 @@ class SyncLoop:
 
     def _bundle(self, body: Any) -> None:
         rt = self.rt
+        if isinstance(body, dict):
+            self._servers(body.get("servers"))
         if isinstance(body, dict) and isinstance(body.get("active"), str):
             self._active = body["active"]
         try:
@@ -169,6 +177,21 @@ class SyncLoop:
         rt.creds.swap(bundle=bundle)
         log_event(log, "bundle-updated", level=logging.WARNING, fingerprints=list(bundle.fingerprints))
         self._register(time.monotonic())  # tell the control plane at once: rotation steps wait for it
+
+    def _servers(self, listed: Any) -> None:
+        """Adopt the servers the control plane lists (every server on its database); keep them in agent.toml."""
+        if not isinstance(listed, list) or not listed or not all(isinstance(s, str) for s in listed):
+            return
+        try:
+            servers = tuple(format_hostport(*parse_hostport(s, what="server address")) for s in listed[:MAX_SERVERS])
+        except ConfigError:
+            return
+        if set(servers) == set(self.client.servers):
+            return
+        ident = load_identity(self.rt.paths)
+        write_atomic(self.rt.paths.identity, dataclasses.replace(ident, servers=servers).to_toml(), mode=0o600)
+        self.client.servers = list(servers)
+        log_event(log, "servers-updated", servers=list(servers))
 
     def _set_up(self, up: bool, exc: Exception | None) -> None:
         CONTROL_PLANE_UP.set(1 if up else 0)

@@ -139,9 +139,12 @@ def h_renew(cp: ControlPlane, req: Request, _m: re.Match[str]) -> Response:
     return _issued(cp, cp.renew(req.peer, _str(_json(req), "csr"), req.peer_serial))
 
 
-def h_bundle(cp: ControlPlane, _req: Request, _m: re.Match[str]) -> Response:
+def h_bundle(cp: ControlPlane, req: Request, _m: re.Match[str]) -> Response:
     # "active": the root new certificates chain to; an agent whose chain ends elsewhere renews early
-    return Response(200, {"trust_domain": cp.td, "bundle": cp.bundle_pem(), "active": cp.ca.root_fingerprint})
+    body: dict[str, Any] = {"trust_domain": cp.td, "bundle": cp.bundle_pem(), "active": cp.ca.root_fingerprint}
+    if req.peer is not None:  # enrolled agents keep their server list current from here
+        body["servers"] = cp.known_servers()
+    return Response(200, body)
 
 
 def h_register(cp: ControlPlane, req: Request, _m: re.Match[str]) -> Response:
