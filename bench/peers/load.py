@@ -13,8 +13,8 @@ and one process per role keeps the count of moving parts small.
                 flight; each is connect + 64-byte request + 64-byte response + close.
 * ``pingpong``  ``--rounds`` 64-byte round trips over one connection; percentiles in microseconds.
 * ``idle``      opens connections up to each of ``--steps`` (each exchanges one byte so the
-                tunnel is established end to end), prints one JSON line per step and waits for a
-                line on stdin before the next step; closes everything at the end.
+                tunnel is established end to end), drops those the tunnel closed since, prints one
+                JSON line per step and waits for a line on stdin before the next step.
 
 Every client prints one JSON object per result on stdout and is bounded by ``--timeout``.
 """
@@ -318,11 +318,29 @@ def idle(addr: tuple[str, int], steps: list[int], window: int, timeout: float) -
                 st[0].close()
                 failed += 1
             pending.clear()
+            # settle, then keep only the connections the tunnel still holds open (a peer that
+            # drops connections past its limit must not count them as held)
+            time.sleep(1.0)
+            alive: list[socket.socket] = []
+            for s in held:
+                try:
+                    still = s.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+                except (BlockingIOError, InterruptedError):
+                    still = True
+                except OSError:
+                    still = False
+                if still:
+                    alive.append(s)
+                else:
+                    s.close()
+            dropped = len(held) - len(alive)
+            held = alive
             _emit(
                 {
                     "step": target,
                     "open": len(held),
                     "failed": failed,
+                    "dropped": dropped,
                     "seconds": round(time.monotonic() - t0, 2),
                     "errors": errors,
                     "timed_out": time.monotonic() >= deadline,

@@ -102,7 +102,15 @@ class Bench:
                 if time.monotonic() > self.deadline:
                     raise BenchError("skipped: --max-minutes reached")
                 fn()
-            except (BenchError, OSError, ValueError, KeyError, subprocess.SubprocessError) as exc:
+            except (
+                BenchError,
+                OSError,
+                ValueError,
+                KeyError,
+                RuntimeError,
+                AssertionError,
+                subprocess.SubprocessError,
+            ) as exc:
                 errs.append(f"run {run + 1}, {label}: {exc}")
                 self.say(f"[yellow]{name}: {label}: {exc}")
             finally:
@@ -111,18 +119,13 @@ class Bench:
                 out.setdefault("step_seconds", {})[label] = round(time.monotonic() - t0, 2)
 
         t_start = time.monotonic()
+        started = False
         try:
             echo_port = start_echo(setup.procs)
             iperf_port = tools.start_iperf_server(setup.procs, setup.work / "iperf3.log")
             rn = setup.start({"echo": echo_port, "iperf": iperf_port})
+            started = True
             out["step_seconds"] = {"start": round(time.monotonic() - t_start, 2)}
-        except (BenchError, OSError, RuntimeError, AssertionError) as exc:
-            errs.append(f"run {run + 1}, start: {exc}")
-            self.say(f"[red]{name}: could not start: {exc}")
-            self.progress.advance(self.task, len(STEPS))
-            setup.stop()
-            return out
-        try:
             self._alive_check(rn)
             step("group", lambda: self._group(setup, rn, run))
             step("latency", lambda: self._latency(rn, out))
@@ -131,9 +134,11 @@ class Bench:
             step("iperf3", lambda: self._iperf(rn, out))
             step("idle RSS", lambda: self._idle(setup, rn, out))
             self._alive_check(rn)
-        except BenchError as exc:
-            errs.append(f"run {run + 1}: {exc}")
-        finally:
+        except Exception as exc:  # noqa: BLE001 - a tool under test failing is a result to record, not a crash
+            where = "" if started else ", start"
+            errs.append(f"run {run + 1}{where}: {exc}")
+            self.say(f"[red]{name}: {'' if started else 'could not start: '}{exc}")
+        finally:  # also on Ctrl-C: every process of this setup is stopped by PID
             self.progress.advance(self.task, len(STEPS) - done_steps)
             t_stop = time.monotonic()
             setup.stop()
@@ -146,7 +151,7 @@ class Bench:
 
     @staticmethod
     def _alive_check(rn: Running) -> None:
-        dead = [p for p in rn.tunnel_pids if not Path(f"/proc/{p}").exists()]
+        dead = [p for p in rn.tunnel_pids if not procstat.alive(p)]
         if dead:
             raise BenchError(f"tunnel process(es) {dead} exited")
 
@@ -224,11 +229,8 @@ class Bench:
                 if not line:
                     raise BenchError(f"idle load gave no result for {n} tunnels")
                 r = json.loads(line)
-                time.sleep(1.0)  # let the tunnels settle
                 rss = procstat.rss_kib(roots)
-                r.update(
-                    rss_kib=rss, threads=procstat.threads(roots), alive=all(Path(f"/proc/{p}").exists() for p in roots)
-                )
+                r.update(rss_kib=rss, threads=procstat.threads(roots), alive=all(procstat.alive(p) for p in roots))
                 detail.append(r)
                 tag = "step1" if n == self.a.idle[0] else "step2"
                 if r["open"]:
@@ -238,6 +240,7 @@ class Bench:
                 if r["open"] < n or not r["alive"]:
                     raise BenchError(
                         f"held {r['open']} of {n} idle tunnels ({r['failed']} failed: {r['errors']}; "
+                        f"{r['dropped']} dropped after opening; "
                         f"tunnel processes alive: {r['alive']})"
                     )
                 proc.stdin.write(b"next\n")

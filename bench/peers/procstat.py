@@ -47,6 +47,12 @@ def tree(roots: Iterable[int]) -> list[int]:
     return out
 
 
+def alive(pid: int) -> bool:
+    """True while ``pid`` runs (an exited, not yet reaped process is not alive)."""
+    f = _stat_fields(pid)
+    return f is not None and f[0] not in ("Z", "X")
+
+
 def cpu_seconds(roots: Iterable[int]) -> float:
     """User + system CPU seconds of the trees (own time plus reaped children's)."""
     total = 0
