@@ -91,6 +91,13 @@ def register(sub: Any) -> None:
         help="also accept classical key exchange (X25519, P-256) on the tunnel port, for scanners without "
         "ML-KEM; logged at warning, shown in /status and metrics; never use it on a production link",
     )
+    sp.add_argument(
+        "--mux",
+        action="store_true",
+        default=None,
+        help="carry outbound tunnels as streams multiplexed over pooled connections to each peer agent "
+        "(ALPN tapproof-mux/1; peers that do not offer it get one connection per tunnel); env TAPPROOF_MUX",
+    )
     sp.set_defaults(func=cmd_run, daemon=True)
 
 
@@ -127,5 +134,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         "unsafe_service_target": args.unsafe_service_target,
         "unsafe_route_listen": args.unsafe_route_listen,
         "unsafe_classical_groups": args.unsafe_classical_groups,
+        "mux": args.mux,
     }
     return daemon.run(args.data_dir, args.join, args.config, overrides)
