@@ -36,7 +36,7 @@ DEFAULT_INBOUND_PORT = 7448
 
 _LISTS = ("service", "route", "fleet_cidr", "protected_port")
 _STRINGS = ("listen_tunnel", "advertise", "mode", "admin", "sync_interval", "drain_timeout", "idle_timeout")
-_BOOLS = ("transparent", "unsafe_service_target", "unsafe_route_listen", "unsafe_classical_groups")
+_BOOLS = ("transparent", "unsafe_service_target", "unsafe_route_listen", "unsafe_classical_groups", "mux")
 _NUMBERS = ("transparent_port", "inbound_port", "renew_fraction")
 KEYS = _LISTS + _STRINGS + _BOOLS + _NUMBERS
 """Every key a config file, the environment or the flags may set."""
@@ -97,6 +97,7 @@ class AgentConfig:
     unsafe_service_target: bool = False
     unsafe_route_listen: bool = False
     unsafe_classical_groups: bool = False  # tunnel port and API client also accept X25519/P-256 (scanners)
+    mux: bool = False  # outbound: carry tunnels as streams over pooled agent-pair connections (ALPN tapproof-mux/1)
 
     def service(self, name: str) -> Service | None:
         """The fronted service called ``name``, if any."""
@@ -335,6 +336,7 @@ def check(raw: dict[str, Any], *, is_root: bool | None = None) -> AgentConfig:
         unsafe_service_target=unsafe_target,
         unsafe_route_listen=unsafe_listen,
         unsafe_classical_groups=flag("unsafe_classical_groups"),
+        mux=flag("mux"),
     )
 
 

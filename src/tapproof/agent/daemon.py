@@ -360,10 +360,13 @@ class Agent:
         for lst in self._listeners():
             lst.stop()
         live = len(rt.tunnels.live())
+        rt.tunnels.goaway_all()
         drained = rt.tunnels.wait_empty(rt.config.drain_timeout)
         aborted = 0 if drained else rt.tunnels.stop_all()
         if aborted:
             rt.tunnels.wait_empty(2.0)
+        for m in rt.tunnels.muxes():  # idle pooled connections
+            m.conn.stop()
         self._close_all()
         log_event(log, "agent-stopped", tunnels_at_stop=live, aborted=aborted)
         return 0

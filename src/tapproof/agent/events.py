@@ -19,7 +19,7 @@ from tapproof.tunnel.relay import RelayResult
 
 log = logging.getLogger("tapproof.agent.tunnel")
 
-__all__ = ["finished", "handshake_reason", "refused"]
+__all__ = ["finished", "handshake_reason", "mux_connection", "refused"]
 
 _NOT_TLS = (
     "wrong version number",
@@ -59,6 +59,11 @@ def refused(direction: str, reason: str, **fields: Any) -> None:
     """Log and count one refusal."""
     REFUSALS.labels(direction, reason).inc()
     log_event(log, "tunnel-refused", level=logging.WARNING, direction=direction, reason=reason, **fields)
+
+
+def mux_connection(direction: str, what: str, **fields: Any) -> None:
+    """Log a mux connection opening or closing (``mux-opened`` / ``mux-closed``; streams log on their own)."""
+    log_event(log, f"mux-{what}", direction=direction, **fields)
 
 
 def finished(direction: str, result: RelayResult, **fields: Any) -> None:

@@ -20,6 +20,11 @@ Order of checks (fail closed; no byte reaches a service before all pass):
    (``service-unreachable``);
 6. ``200``, then the relay (the peer's pipelined bytes are delivered first).
 
+A client that negotiated ALPN ``tapproof-mux/1`` (same handshake, same peer
+check) gets :mod:`tapproof.agent.muxserve` instead of steps 3-6: every stream
+OPEN goes through steps 4-5 (:func:`check_target`) after a fresh revocation
+and expiry check of the connection's peer.
+
 Handshake failures are refused without a word (an RST); refusals after the
 handshake get one opaque status line. The local log gets the reason.
 """
@@ -27,12 +32,13 @@ handshake get one opaque status line. The local log gets the reason.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import ipaddress
 import logging
 import socket
 import time
 
-from tapproof.agent import events
+from tapproof.agent import events, muxserve
 from tapproof.agent.config import Service
 from tapproof.agent.credstore import take_verify_error
 from tapproof.agent.metrics import HANDSHAKE_SECONDS, HANDSHAKES
@@ -47,6 +53,7 @@ from tapproof.errors import (
 )
 from tapproof.identity import Kind, SpiffeID
 from tapproof.pki.certs import serial_hex
+from tapproof.tls.context import MUX_ALPN
 from tapproof.tls.peer import check_peer, peer_leaf
 from tapproof.tls.sessions import was_resumed
 from tapproof.tls.stream import TLSStream
@@ -56,7 +63,16 @@ from tapproof.units import format_hostport
 
 log = logging.getLogger(__name__)
 
-__all__ = ["HANDSHAKE_TIMEOUT", "PREAMBLE_TIMEOUT", "SERVICE_CONNECT_TIMEOUT", "InboundHandler", "is_own_address"]
+__all__ = [
+    "HANDSHAKE_TIMEOUT",
+    "PREAMBLE_TIMEOUT",
+    "SERVICE_CONNECT_TIMEOUT",
+    "InboundHandler",
+    "Verdict",
+    "check_target",
+    "is_own_address",
+    "own_ports",
+]
 
 HANDSHAKE_TIMEOUT = 10.0
 PREAMBLE_TIMEOUT = 10.0
@@ -144,6 +160,10 @@ class InboundHandler:
             return
         HANDSHAKE_SECONDS.labels(DIRECTION).observe(time.monotonic() - start)
         HANDSHAKES.labels(DIRECTION, "resumed" if was_resumed(stream.conn) else "full").inc()
+        if stream.conn.get_alpn_proto_negotiated() == MUX_ALPN:
+            not_after = leaf.not_valid_after_utc if leaf is not None else rt.now()
+            muxserve.serve(rt, stream, peer, serial, not_after, material, source, check_target)
+            return
         self._after_handshake(stream, peer, serial, source, start)
 
     def _after_handshake(self, stream: TLSStream, peer: SpiffeID, serial: str, source: str, start: float) -> None:
@@ -174,18 +194,8 @@ class InboundHandler:
             events.refused(DIRECTION, "preamble-timeout", detail=str(exc), **fields)
             return
 
-        cfg = rt.config
         target = req.target
-        svc: Service | None = None
-        port_target: tuple[str, int] | None = None
-        port: int | None = None
-        if target.kind is preamble.Kind.SERVICE:
-            name = target.name
-            svc = cfg.service(name)
-        else:
-            port = target.port
-            name = next((s.name for s in cfg.services if s.port == port and not s.unix_path), f"port-{port}")
-        fields.update(service=name, target=str(target), request_id=req.request_id, app_source=req.source)
+        fields.update(request_id=req.request_id, app_source=req.source)
 
         def refuse(status: int, reason: str, **extra: object) -> None:
             with contextlib.suppress(TransportError, ProtocolError):
@@ -193,33 +203,15 @@ class InboundHandler:
             stream.close(time.monotonic() + 1.0)
             events.refused(DIRECTION, reason, status=status, **fields, **extra)
 
-        if target.kind is preamble.Kind.ADDRESS:
-            if not cfg.transparent:
-                refuse(403, "address-target-disabled")
-                return
-            if not is_own_address(target.host) or port in self._own_ports():
-                refuse(403, "not-own-address")
-                return
-            if ipaddress.ip_address(target.host).is_loopback:
-                refuse(403, "loopback-target")  # what listens on loopback only was never reachable from the network
-                return
-            if port not in cfg.protected_port_set():
-                # only ports this agent fronts (--service, --protected-port): never an arbitrary local port
-                refuse(403, "port-not-protected")
-                return
-        decision = rt.policy.decide(peer, name, port)
-        if not decision.allowed:
-            refuse(403, "policy-denied", rule=decision.rule_id, policy_reason=decision.reason)
+        verdict = check_target(rt, peer, target)
+        fields.update(service=verdict.name, target=str(target))
+        if verdict.refusal is not None:
+            status, reason, extra = verdict.refusal
+            refuse(status, reason, **extra)
             return
-        if target.kind is preamble.Kind.SERVICE and svc is None:
-            refuse(502, "unknown-service")
-            return
-        if target.kind is preamble.Kind.ADDRESS:
-            svc = next((s for s in cfg.services if s.port == port and not s.unix_path), None)
-            if svc is None:
-                port_target = ("127.0.0.1", target.port)
+        name = verdict.name
         try:
-            service_sock = connect_service(svc, port_target)
+            service_sock = connect_service(verdict.svc, verdict.port_target)
         except OSError as exc:
             refuse(502, "service-unreachable", detail=exc.strerror or str(exc))
             return
@@ -230,17 +222,69 @@ class InboundHandler:
             service_sock.close()
             events.refused(DIRECTION, "peer-gone", detail=str(exc), **fields)
             return
-        relay = Relay(service_sock, stream.conn, idle_timeout=cfg.idle_timeout, to_plain=pre.leftover)
+        relay = Relay(service_sock, stream.conn, idle_timeout=rt.config.idle_timeout, to_plain=pre.leftover)
         result = rt.tunnels.run(
             DIRECTION, peer.name, serial, name, relay, revoked=lambda: rt.policy.is_revoked(serial, peer.name)
         )
         events.finished(DIRECTION, result, setup=round(time.monotonic() - start - result.duration, 4), **fields)
 
-    def _own_ports(self) -> set[int]:
-        """Ports an address target may never reach: the agent's own listeners."""
-        ports = set()
-        for addr in (self.rt.tunnel_address, self.rt.admin_address):
-            with contextlib.suppress(ValueError, IndexError):
-                ports.add(int(addr.rsplit(":", 1)[1]))
-        ports.add(self.rt.config.transparent_port)
-        return ports
+
+def own_ports(rt: Runtime) -> set[int]:
+    """Ports an address target may never reach: the agent's own listeners."""
+    ports = set()
+    for addr in (rt.tunnel_address, rt.admin_address):
+        with contextlib.suppress(ValueError, IndexError):
+            ports.add(int(addr.rsplit(":", 1)[1]))
+    ports.add(rt.config.transparent_port)
+    return ports
+
+
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    """The checks' answer for one CONNECT/OPEN: a refusal (status, reason, log fields), or what to connect."""
+
+    name: str
+    refusal: tuple[int, str, dict[str, object]] | None = None
+    svc: Service | None = None
+    port_target: tuple[str, int] | None = None
+
+
+def check_target(rt: Runtime, peer: SpiffeID, target: preamble.Target) -> Verdict:
+    """Steps 4-5 of the module doc for one target (address rules, policy BEFORE existence); no I/O but a bind test.
+
+    Shared by the classic path and every mux OPEN, so both refuse the same way with the same reasons.
+    """
+    cfg = rt.config
+    svc: Service | None = None
+    port: int | None = None
+    if target.kind is preamble.Kind.SERVICE:
+        name = target.name
+        svc = cfg.service(name)
+    else:
+        port = target.port
+        name = next((s.name for s in cfg.services if s.port == port and not s.unix_path), f"port-{port}")
+
+    def refuse(status: int, reason: str, **extra: object) -> Verdict:
+        return Verdict(name, (status, reason, extra))
+
+    if target.kind is preamble.Kind.ADDRESS:
+        if not cfg.transparent:
+            return refuse(403, "address-target-disabled")
+        if not is_own_address(target.host) or port in own_ports(rt):
+            return refuse(403, "not-own-address")
+        if ipaddress.ip_address(target.host).is_loopback:
+            return refuse(403, "loopback-target")  # what listens on loopback only was never reachable from the network
+        if port not in cfg.protected_port_set():
+            # only ports this agent fronts (--service, --protected-port): never an arbitrary local port
+            return refuse(403, "port-not-protected")
+    decision = rt.policy.decide(peer, name, port)
+    if not decision.allowed:
+        return refuse(403, "policy-denied", rule=decision.rule_id, policy_reason=decision.reason)
+    if target.kind is preamble.Kind.SERVICE and svc is None:
+        return refuse(502, "unknown-service")
+    port_target: tuple[str, int] | None = None
+    if target.kind is preamble.Kind.ADDRESS:
+        svc = next((s for s in cfg.services if s.port == port and not s.unix_path), None)
+        if svc is None:
+            port_target = ("127.0.0.1", target.port)
+    return Verdict(name, None, svc, port_target)

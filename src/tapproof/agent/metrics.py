@@ -14,6 +14,9 @@ __all__ = [
     "CONTROL_PLANE_UP",
     "HANDSHAKES",
     "HANDSHAKE_SECONDS",
+    "MUX_CONNECTIONS",
+    "MUX_STREAMS",
+    "MUX_STREAMS_ACTIVE",
     "REFUSALS",
     "RENEWALS",
     "TUNNELS",
@@ -39,6 +42,11 @@ HANDSHAKES = Counter(
     "Completed tunnel handshakes (peer checked), by direction and kind (full, resumed)",
     ["direction", "kind"],
 )
+MUX_CONNECTIONS = Gauge("tapproof_agent_mux_connections", "Mux connections open, by direction", ["direction"])
+MUX_STREAMS = Counter(
+    "tapproof_agent_mux_streams", "Mux streams by direction and result (opened, refused)", ["direction", "result"]
+)
+MUX_STREAMS_ACTIVE = Gauge("tapproof_agent_mux_streams_active", "Mux streams relaying right now", ["direction"])
 CONTROL_PLANE_UP = Gauge("tapproof_agent_control_plane_up", "1 when the last control-plane call succeeded")
 CERT_EXPIRY = Gauge("tapproof_agent_certificate_expiry_seconds", "Seconds until this agent's certificate expires")
 UNSAFE_CLASSICAL_GROUPS = Gauge(

@@ -9,6 +9,10 @@ credential generation), require the peer to be exactly
 reset (never a clean EOF that could pass for an empty answer). The
 application's bytes wait in the kernel until the far side said ``200``: not
 one is sent to an unverified peer.
+
+With ``--mux`` the connection is carried as a stream over a pooled
+connection to the peer agent instead (:mod:`tapproof.agent.muxpool`; same
+checks, per-stream OPEN and result), unless the peer does not multiplex.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import contextlib
 import logging
 import socket
 import struct
+import threading
 import time
 from collections.abc import Callable
 
@@ -25,6 +30,7 @@ from tapproof.agent.config import Route
 from tapproof.agent.credstore import take_verify_error
 from tapproof.agent.inbound import is_own_address
 from tapproof.agent.metrics import HANDSHAKE_SECONDS, HANDSHAKES
+from tapproof.agent.muxpool import MuxPool
 from tapproof.agent.runtime import Runtime
 from tapproof.errors import PeerRejected, ProtocolError, TapproofError, TransportError
 from tapproof.identity import host_id
@@ -66,6 +72,8 @@ def open_tunnel(rt: Runtime, app: socket.socket, app_addr: tuple[str, int], host
         events.refused(DIRECTION, "unknown-host", **fields)
         return
     fields["address"] = format_hostport(*addr)
+    if rt.config.mux and _pool(rt).open(rt, app, host, target, _source_header(app_addr), {**fields, "source": source}):
+        return  # carried as a stream of a pooled mux connection (or refused, logged); False: peer has no mux
     material = rt.creds.current
     expected = host_id(rt.trust_domain, host)
     take_verify_error()
@@ -142,6 +150,16 @@ def open_tunnel(rt: Runtime, app: socket.socket, app_addr: tuple[str, int], host
     events.finished(
         DIRECTION, result, source=source, setup=round(time.monotonic() - start - result.duration, 4), **fields
     )
+
+
+_pool_lock = threading.Lock()
+
+
+def _pool(rt: Runtime) -> MuxPool:
+    with _pool_lock:
+        if rt.mux_pool is None:
+            rt.mux_pool = MuxPool()
+        return rt.mux_pool
 
 
 def _source_header(addr: object) -> str | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import threading
+from typing import TYPE_CHECKING
 
 from tapproof.agent.config import AgentConfig
 from tapproof.agent.credstore import CredStore
@@ -19,6 +20,9 @@ from tapproof.agent.state import AgentPaths
 from tapproof.agent.tunnels import TunnelTable
 from tapproof.identity import SpiffeID, host_id
 from tapproof.tls.sessions import SessionStore
+
+if TYPE_CHECKING:
+    from tapproof.agent.muxpool import MuxPool
 
 __all__ = ["Runtime"]
 
@@ -43,6 +47,7 @@ class Runtime:
     admin_address: str = ""
     mark: int | None = None  # SO_MARK for our outbound sockets in transparent mode (not redirected)
     advertise: str = ""
+    mux_pool: MuxPool | None = None  # outbound mux connections (--mux), made on first use
 
     @property
     def spiffe_id(self) -> SpiffeID:

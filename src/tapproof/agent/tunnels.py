@@ -13,11 +13,30 @@ import itertools
 import threading
 import time
 from collections.abc import Callable, Collection
+from typing import Protocol
 
 from tapproof.agent.metrics import TUNNELS_ACTIVE
 from tapproof.tunnel.relay import Relay, RelayResult
 
-__all__ = ["Tunnel", "TunnelTable"]
+__all__ = ["MuxPeer", "Stoppable", "Tunnel", "TunnelTable"]
+
+
+class Stoppable(Protocol):
+    """What the table stops: a relay, a mux stream or a mux connection."""
+
+    def stop(self) -> None:
+        """Abort (an RST for every application connection involved)."""
+
+
+@dataclasses.dataclass(eq=False)
+class MuxPeer:
+    """One live mux connection (its streams are :class:`Tunnel` entries of their own)."""
+
+    direction: str
+    peer_host: str
+    peer_serial: str
+    conn: Stoppable
+    goaway: Callable[[], None]
 
 
 @dataclasses.dataclass(eq=False)
@@ -29,7 +48,7 @@ class Tunnel:
     peer_host: str
     peer_serial: str
     service: str
-    relay: Relay
+    relay: Stoppable
     started: float = dataclasses.field(default_factory=time.monotonic)
 
 
@@ -41,8 +60,29 @@ class TunnelTable:
         self._tunnels: dict[int, Tunnel] = {}
         self._ids = itertools.count(1)
         self._idle = threading.Condition(self._lock)
+        self._muxes: dict[int, MuxPeer] = {}
 
-    def add(self, direction: str, peer_host: str, peer_serial: str, service: str, relay: Relay) -> Tunnel:
+    def add_mux(self, peer: MuxPeer) -> None:
+        """Register a live mux connection (closed by :meth:`close_revoked` and :meth:`stop_all`)."""
+        with self._lock:
+            self._muxes[id(peer)] = peer
+
+    def remove_mux(self, peer: MuxPeer) -> None:
+        """Forget an ended mux connection."""
+        with self._lock:
+            self._muxes.pop(id(peer), None)
+
+    def muxes(self) -> list[MuxPeer]:
+        """The live mux connections."""
+        with self._lock:
+            return list(self._muxes.values())
+
+    def goaway_all(self) -> None:
+        """Ask every mux connection to drain (agent stopping): no new streams, live ones continue."""
+        for m in self.muxes():
+            m.goaway()
+
+    def add(self, direction: str, peer_host: str, peer_serial: str, service: str, relay: Stoppable) -> Tunnel:
         """Register a tunnel about to run."""
         with self._lock:
             t = Tunnel(next(self._ids), direction, peer_host, peer_serial.lower(), service, relay)
@@ -91,6 +131,9 @@ class TunnelTable:
         hit = [t for t in self.live() if t.peer_serial in serials or t.peer_host in hosts]
         for t in hit:
             t.relay.stop()
+        for m in self.muxes():  # the connection too (every stream reset): no new stream over it either
+            if m.peer_serial.lower() in serials or m.peer_host in hosts:
+                m.conn.stop()
         return hit
 
     def wait_empty(self, timeout: float) -> bool:
@@ -109,4 +152,6 @@ class TunnelTable:
         live = self.live()
         for t in live:
             t.relay.stop()
+        for m in self.muxes():
+            m.conn.stop()
         return len(live)

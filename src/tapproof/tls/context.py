@@ -41,6 +41,9 @@ CIPHERSUITES = b"TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256:TLS_AES_128
 
 VerifyHook = Callable[[int, int, bool], None]  # (openssl errno, depth, ok) for logging
 
+MUX_ALPN = b"tapproof-mux/1"
+"""ALPN id of multiplexed agent tunnels (``tunnel.mux``); selected by agent tunnel servers when offered."""
+
 TICKET_LIFETIME = 120
 """Seconds a TLS 1.3 session ticket may be used to resume (short: a resumption skips the chain check)."""
 _OP_ALLOW_NO_DHE_KEX = 1 << 10  # SSL_OP_ALLOW_NO_DHE_KEX (OpenSSL 3.x/4.x): would permit psk_ke; must stay off
@@ -115,11 +118,14 @@ def server_context(
     require_client_cert: bool = True,
     hook: VerifyHook | None = None,
     resumption: bool = False,
+    mux: bool | None = None,
 ) -> SSL.Context:
     """A server context. With ``require_client_cert=False`` a client MAY come without a
     certificate (enrollment); one that presents a certificate must still verify.
     ``resumption=True`` issues short-lived psk_dhe_ke tickets bound to this generation
-    (agent tunnels; requires a client certificate)."""
+    (agent tunnels; requires a client certificate). ``mux`` (default: same as ``resumption``, i.e. agent
+    tunnel contexts) selects ALPN :data:`MUX_ALPN` when a client offers it; a client that offers nothing
+    gets no ALPN (one tunnel per connection). Same certificates, group and checks either way."""
     if resumption and not require_client_cert:
         raise PKIError("session resumption needs mutual authentication")
     ctx = _base(resumption=resumption)
@@ -127,7 +133,13 @@ def server_context(
         ctx.set_session_id(generation_id(creds, bundle))
     _use_credentials(ctx, creds)
     _trust(ctx, bundle, require_peer_cert=require_client_cert, hook=hook)
+    if resumption if mux is None else mux:
+        ctx.set_alpn_select_callback(_select_mux)
     return ctx
+
+
+def _select_mux(_conn: SSL.Connection, offered: list[bytes]) -> bytes | SSL._NoOverlappingProtocols:
+    return MUX_ALPN if MUX_ALPN in offered else SSL.NO_OVERLAPPING_PROTOCOLS
 
 
 def client_context(
