@@ -97,6 +97,7 @@ class Tapproof(Setup):
     """``tapproof server`` + a server agent (``--service``) + a client agent (``--route``)."""
 
     name = "tapproof"
+    client_flags: tuple[str, ...] = ()
 
     def __init__(self, work: Path, certs: PeerCerts) -> None:
         super().__init__(work, certs)
@@ -115,7 +116,7 @@ class Tapproof(Setup):
         b = tp.start_agent(self.work / "b", srv.token("b"), *services, *common)
         self.procs.add(b.proc)
         routes = [x for s in SERVICES for x in ("--route", f"127.0.0.1:0={s}@b")]
-        a = tp.start_agent(self.work / "a", srv.token("a"), *routes, *common)
+        a = tp.start_agent(self.work / "a", srv.token("a"), *routes, *common, *self.client_flags)
         self.procs.add(a.proc)
         self.agents = [a, b]
         tp.wait_for(lambda: "b" in a.status()["registry_hosts"], 30, "agent a to learn b's address")
@@ -131,6 +132,13 @@ class Tapproof(Setup):
                 if ev.get("group"):
                     found.add(str(ev["group"]))
         return sorted(found)
+
+
+class TapproofMux(Tapproof):
+    """The same, the client agent with ``--mux``: streams over pooled agent-pair connections."""
+
+    name = "tapproof-mux"
+    client_flags = ("--mux",)
 
 
 class Stunnel(Setup):
@@ -302,7 +310,9 @@ class Haproxy(Setup):
         return Running(front=front, tunnel_pids=[pc.pid, ps.pid], tls_ports=list(mid.values()))
 
 
-ALL: dict[str, type[Setup]] = {cls.name: cls for cls in (Plaintext, Tapproof, Stunnel, Spiped, Socat, Haproxy)}
+ALL: dict[str, type[Setup]] = {
+    cls.name: cls for cls in (Plaintext, Tapproof, TapproofMux, Stunnel, Spiped, Socat, Haproxy)
+}
 
 
 def check_python() -> None:
