@@ -17,7 +17,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -31,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from tapproof.control import config as server_config
+from tapproof.units import format_duration
 from tests.helpers import free_port
 
 
@@ -180,17 +180,21 @@ def start_server(data_dir: Path, td: str = "example.org", leaf_ttl: str = "1h", 
 
 
 def init_peer_server(first: Path, data_dir: Path, listen: str | None = None) -> str:
-    """Set up a second server for the same database and trust domain as the one in ``first``; return its listen address.
+    """Set up another server for the same database and trust domain as the one in ``first``; return its listen address.
 
-    The ONE place tests make a second server. Until ``server init --join-cluster``
-    exists it copies the first server's CA and configuration (same database URL,
-    own listen port and data dir).
+    The ONE place tests make a second server: ``server init --join-cluster`` (its own
+    name and intermediate key, same database URL, leaf lifetime and trust domain), then
+    ``server ca sign-intermediate`` with the root key in ``first``.
     """
     cfg = server_config.load(first)
     listen = listen or f"127.0.0.1:{free_port()}"
-    data_dir.mkdir(mode=0o700, parents=True)
-    shutil.copytree(first / "ca", data_dir / "ca")
-    dataclasses.replace(cfg, data_dir=data_dir, listen=listen, advertise=()).save()
+    res = tapproof(
+        "server", "init", "--data-dir", str(data_dir), "--trust-domain", cfg.trust_domain, "--db", cfg.db,
+        "--listen", listen, "--leaf-ttl", format_duration(cfg.leaf_ttl), "--name", data_dir.name, "--join-cluster",
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    res = tapproof("server", "ca", "sign-intermediate", "--data-dir", str(first))
+    assert res.returncode == 0, res.stderr
     return listen
 
 
