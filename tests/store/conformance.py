@@ -410,6 +410,20 @@ def test_revoked_serials_drop_once_expired(store: Store) -> None:
     assert store.revoked_serials(T0 + 2 * HOUR) == []
 
 
+def test_latest_certificate_of_a_host(store: Store) -> None:
+    assert store.latest_certificate("web1") is None
+    store.record_certificate(dataclasses.replace(cert("01"), issued_at=T0))
+    store.record_certificate(dataclasses.replace(cert("02", not_after=T0 - MIN), issued_at=T0 + MIN))
+    store.record_certificate(dataclasses.replace(cert("03", host="web2"), issued_at=T0 + 2 * MIN))
+    store.revoke_certificate("02", T0)
+    latest = store.latest_certificate("web1")  # expired and revoked ones count: "latest" is about issuance
+    assert latest is not None
+    assert latest.serial == "02"
+    latest2 = store.latest_certificate("web2")
+    assert latest2 is not None
+    assert latest2.serial == "03"
+
+
 def test_certificates_expiring_window(store: Store) -> None:
     store.record_certificate(cert("early", not_after=T0 - MIN))  # already expired
     store.record_certificate(cert("edge", not_after=T0))  # now <= not_after: included

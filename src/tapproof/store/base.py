@@ -302,6 +302,10 @@ class Store(Protocol):
         """Unrevoked certificates with ``not_after > now``, oldest issuance first."""
         ...
 
+    def latest_certificate(self, host: str) -> CertificateRecord | None:
+        """The certificate issued last to ``host`` (revoked or not, expired or not), or None."""
+        ...
+
     # --- services ----------------------------------------------------------
     def register_services(self, host: str, services: Sequence[ServiceRecord]) -> None:
         """Replace the set of services ``host`` fronts with ``services``."""

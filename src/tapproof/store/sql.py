@@ -602,6 +602,21 @@ class SQLStore:
 
         return self._read("list unexpired certificates", body)
 
+    def latest_certificate(self, host: str) -> CertificateRecord | None:
+        """The certificate issued last to ``host`` (revoked or not, expired or not), or None."""
+
+        def body(conn: sa.Connection) -> CertificateRecord | None:
+            stmt = (
+                sa.select(certificates)
+                .where(certificates.c.host == host)
+                .order_by(certificates.c.issued_at.desc(), certificates.c.not_after.desc())
+                .limit(1)
+            )
+            row = conn.execute(stmt).first()
+            return None if row is None else _cert(row)
+
+        return self._read("latest certificate of a host", body)
+
     # --- services ------------------------------------------------------------
     def register_services(self, host: str, services_: Sequence[ServiceRecord]) -> None:
         """Replace the set of services ``host`` fronts with ``services_``.
