@@ -9,7 +9,8 @@
     │   └── AuditInputError        (audit/errors.py) unreadable or corrupt capture
     ├── PKIError                   CA, CSR and certificate problems
     │   ├── CSRRejected            a CSR we refuse to sign (reason: CSRReason)
-    │   └── PeerRejected           a peer certificate or handshake we refuse (reason: PeerReason)
+    │   ├── PeerRejected           a peer certificate or handshake we refuse (reason: PeerReason)
+    │   └── ClockSkewError         this host's clock is too far from the control plane's
     ├── ProtocolError              bytes that break a protocol
     │   ├── LocalProtocolError     we broke it (a bug on our side)
     │   └── RemoteProtocolError    the peer broke it
@@ -100,6 +101,16 @@ class PeerRejected(PKIError):
         super().__init__(f"peer rejected ({reason.value}): {detail}")
         self.reason = reason
         self.detail = detail
+
+
+class ClockSkewError(PKIError):
+    """This host's clock differs from the control plane's by more than ``--max-clock-skew``."""
+
+    reason = "clock-skew"
+
+    def __init__(self, skew_seconds: float, message: str) -> None:
+        super().__init__(message)
+        self.skew_seconds = skew_seconds
 
 
 class ProtocolError(TapproofError):
