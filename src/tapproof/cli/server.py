@@ -51,6 +51,11 @@ def register(sub: Any) -> None:
     sp.add_argument("--leaf-ttl", help="lifetime of host certificates")
     sp.add_argument("--metrics", help="Prometheus address (default 127.0.0.1:7446; '' disables)")
     sp.add_argument(
+        "--renew-grace",
+        help="how long after expiry a host's latest unrevoked certificate may still renew "
+        "(default 24h; 0 disables; env TAPPROOF_RENEW_GRACE)",
+    )
+    sp.add_argument(
         "--unsafe-classical-groups",
         action="store_true",
         default=None,
@@ -186,6 +191,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         "metrics": args.metrics,
         "advertise": args.advertise,
         "unsafe_classical_groups": args.unsafe_classical_groups,
+        "renew_grace": args.renew_grace,
     }
     return runner.run(args.data_dir, overrides, SystemClock())
 

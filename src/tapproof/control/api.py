@@ -58,6 +58,7 @@ class Request:
     if_none_match: str = ""
     peer_serial: str = ""  # serial (hex) of the certificate the peer presented
     peer_key: bytes = b""  # SPKI DER of the key of the peer's TLS certificate (identity or bootstrap)
+    peer_expired: bool = False  # the peer's certificate expired within the renewal grace: renewal only
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,7 +137,7 @@ def h_enroll(cp: ControlPlane, req: Request, _m: re.Match[str]) -> Response:
 
 def h_renew(cp: ControlPlane, req: Request, _m: re.Match[str]) -> Response:
     assert req.peer is not None  # noqa: S101 - guaranteed by the route's auth
-    return _issued(cp, cp.renew(req.peer, _str(_json(req), "csr"), req.peer_serial))
+    return _issued(cp, cp.renew(req.peer, _str(_json(req), "csr"), req.peer_serial, after_expiry=req.peer_expired))
 
 
 def h_bundle(cp: ControlPlane, req: Request, _m: re.Match[str]) -> Response:
@@ -326,8 +327,11 @@ def handle(cp: ControlPlane, req: Request) -> Response:
             allowed_methods.append(method)
             continue
         route = pattern.pattern
-        if not _authorized(auth, req.peer):
-            reason = "bootstrap-certificate" if req.peer is None else "not-authorized"
+        if not _authorized(auth, req.peer) or (req.peer_expired and handler is not h_renew):
+            if req.peer_expired:
+                reason = "expired"  # within the renewal grace, an expired certificate may only renew
+            else:
+                reason = "bootstrap-certificate" if req.peer is None else "not-authorized"
             REFUSED.labels(reason).inc()
             REQUESTS.labels(route, "403").inc()
             log_event(
@@ -339,7 +343,12 @@ def handle(cp: ControlPlane, req: Request) -> Response:
                 peer=str(req.peer),
                 source=req.source,
             )
-            return Response(403, {"error": {"code": reason, "message": "this call needs other credentials"}})
+            message = (
+                "certificate expired: only POST /v1/renew is allowed (renewal grace)"
+                if req.peer_expired
+                else "this call needs other credentials"
+            )
+            return Response(403, {"error": {"code": reason, "message": message}})
         try:
             resp = handler(cp, req, m)
         except TapproofError as exc:

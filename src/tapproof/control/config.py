@@ -23,6 +23,8 @@ DEFAULT_LISTEN = "127.0.0.1:7443"
 DEFAULT_METRICS = "127.0.0.1:7446"
 _KEYS = ("trust_domain", "db", "listen", "advertise", "leaf_ttl", "metrics", "unsafe_classical_groups")
 _CA_KEYS = ("name", "intermediate_ttl", "expiry_warn")  # CA rotation (docs/rotation.md)
+_RUN_KEYS = ("renew_grace",)  # run-time settings: server.toml, flag or env; not written by init
+DEFAULT_RENEW_GRACE = dt.timedelta(hours=24)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +39,8 @@ class ServerConfig:
     leaf_ttl: dt.timedelta = dt.timedelta(hours=1)
     metrics: str = DEFAULT_METRICS  # "" disables the Prometheus endpoint
     unsafe_classical_groups: bool = False  # run-time only (flag/env), never written by init
+    # how long after expiry a host's latest, unrevoked certificate may still renew (0: never)
+    renew_grace: dt.timedelta = DEFAULT_RENEW_GRACE
     name: str = "default"  # this server's name in the shared CA state (its intermediate); unique per database
     intermediate_ttl: dt.timedelta = dt.timedelta(days=90)  # lifetime of intermediates this server signs
     expiry_warn: str = "25%"  # thresholds: tapproof.pki.expiry
@@ -103,10 +107,10 @@ def load(data_dir: Path, overrides: dict[str, Any] | None = None) -> ServerConfi
         raw: dict[str, Any] = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError) as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
-    unknown = set(raw) - set(_KEYS) - set(_CA_KEYS)
+    unknown = set(raw) - set(_KEYS) - set(_CA_KEYS) - set(_RUN_KEYS)
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}")
-    for key in (*_KEYS, *_CA_KEYS):
+    for key in (*_KEYS, *_CA_KEYS, *_RUN_KEYS):
         env = os.environ.get(f"TAPPROOF_{key.upper()}")
         if env is not None:
             raw[key] = env.split(",") if key == "advertise" else env
@@ -127,6 +131,20 @@ def load(data_dir: Path, overrides: dict[str, Any] | None = None) -> ServerConfi
             intermediate_ttl=parse_duration(str(raw.get("intermediate_ttl", "90d")), what="intermediate_ttl"),
             expiry_warn=str(raw.get("expiry_warn", "25%")),
             unsafe_classical_groups=_flag(raw.get("unsafe_classical_groups", False), "--unsafe-classical-groups"),
+            renew_grace=_grace(raw.get("renew_grace")),
         )
     except KeyError as exc:
         raise ConfigError(f"{path}: missing key {exc.args[0]}") from exc
+
+
+def _grace(value: Any) -> dt.timedelta:
+    """``renew_grace``: a duration, or 0 to refuse every expired certificate (default 24h)."""
+    if value is None:
+        return DEFAULT_RENEW_GRACE
+    text = str(value).strip()
+    if text in ("0", "0s", "0m", "0h", "0d"):
+        return dt.timedelta(0)
+    grace = parse_duration(text, what="--renew-grace")
+    if grace > dt.timedelta(days=30):
+        raise ConfigError("--renew-grace: at most 30d (0 disables renewal after expiry)")
+    return grace

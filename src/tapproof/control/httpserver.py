@@ -117,7 +117,11 @@ class APIServer:
         keep-alive connection does not outlive a revocation or the certificate's expiry.
         """
         return tlsctx.authenticate(
-            stream, trust_domain=self.cp.td, now=self.cp.clock.now(), revoked=self.cp.revoked_serials()
+            stream,
+            trust_domain=self.cp.td,
+            now=self.cp.clock.now(),
+            revoked=self.cp.revoked_serials(),
+            grace=self.cp.config.renew_grace,
         )
 
     def _http(
@@ -200,6 +204,7 @@ class APIServer:
             source=source,
             if_none_match=headers.get("if-none-match", ""),
             peer_key=peer.key if peer is not None else b"",
+            peer_expired=peer is not None and peer.expired,
         )
 
     def _send(self, h: h11.Connection, stream: TLSStream, resp: api.Response) -> None:

@@ -69,7 +69,12 @@ class ServerCredentials:
             )
         )
         bundle = TrustBundle.from_pem(cp.bundle_pem().encode())
-        ctx = tlsctx.api_server_context(full, bundle, unsafe_classical_groups=cp.config.unsafe_classical_groups)
+        ctx = tlsctx.api_server_context(
+            full,
+            bundle,
+            unsafe_classical_groups=cp.config.unsafe_classical_groups,
+            renew_grace=cp.config.renew_grace > dt.timedelta(0),
+        )
         with self._lock:
             self._creds, self._ctx = full, ctx
         cp.server_leaf = leaf

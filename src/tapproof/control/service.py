@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 
 ISSUED = Counter("tapproof_server_certificates_issued", "Certificates issued", ["kind"])
 ENROLL_REFUSED = Counter("tapproof_server_enrollments_refused", "Enrollments refused", ["reason"])
+RENEWED_AFTER_EXPIRY = Counter(
+    "tapproof_server_renewals_after_expiry", "Renewals accepted from an expired certificate (renewal grace)"
+)
 MAX_TOKEN_TTL = dt.timedelta(days=7)
 SERVER_STALE = dt.timedelta(days=1)
 """A server that has not announced itself for this long drops out of join strings."""
@@ -208,11 +211,15 @@ class ControlPlane:
             serial=certs.serial_hex(chain[0]),
         )
 
-    def renew(self, peer: identity.SpiffeID, csr_pem: str, serial: str = "") -> Issued:
+    def renew(self, peer: identity.SpiffeID, csr_pem: str, serial: str = "", *, after_expiry: bool = False) -> Issued:
         """Issue a new certificate (new key) for an authenticated host.
 
         ``serial`` is the certificate the peer presented: a revoked one cannot
         renew itself into a fresh one (checked against the store, not a cache).
+        ``after_expiry``: that certificate expired within the renewal grace
+        (``--renew-grace``); it must also be on record, unrevoked, and the
+        latest one issued to the host (an older one whose successor exists is
+        refused). Each such renewal is logged (``renew-after-expiry``) and counted.
         """
         if peer.kind is not identity.Kind.HOST:
             raise PeerRejected(PeerReason.WRONG_IDENTITY, f"{peer} cannot renew (hosts only)")
@@ -224,14 +231,41 @@ class ControlPlane:
             raise PeerRejected(PeerReason.UNTRUSTED, f"{peer} is not an enrolled host") from exc
         if host.revoked_at is not None:
             raise PeerRejected(PeerReason.REVOKED, f"{peer} is revoked")
+        if after_expiry:
+            self._check_expired_renewal(peer, serial)
         key = csr.check(csr_pem, peer)
         chain = self.ca.issue(key, peer, self.clock.now(), self.config.leaf_ttl)
         rec = self._record(chain, "host", peer.name)
         self.store.record_certificate(rec)
         self.store.update_host_seen(peer.name, self.clock.now())
         ISSUED.labels("host").inc()
-        self.audit(str(peer), "renew", serial=rec.serial)
+        self.audit(str(peer), "renew", serial=rec.serial, **({"after_expiry": serial} if after_expiry else {}))
+        if after_expiry:
+            RENEWED_AFTER_EXPIRY.inc()
+            log_event(
+                log,
+                "renew-after-expiry",
+                level=logging.WARNING,
+                host=peer.name,
+                expired_serial=serial,
+                serial=rec.serial,
+            )
         return self._issued(chain)
+
+    def _check_expired_renewal(self, peer: identity.SpiffeID, serial: str) -> None:
+        """An expired certificate may renew only if on record, unrevoked and the host's latest (fail closed)."""
+        try:
+            presented = self.store.get_certificate(serial)
+        except NotFound as exc:
+            raise PeerRejected(PeerReason.UNTRUSTED, f"expired certificate {serial} of {peer} not on record") from exc
+        if presented.revoked_at is not None:  # revoked_serials() forgets expired ones: check the record itself
+            raise PeerRejected(PeerReason.REVOKED, f"expired certificate {serial} of {peer} is revoked")
+        latest = self.store.latest_certificate(peer.name)
+        if presented.host != peer.name or latest is None or latest.serial != serial:
+            raise PeerRejected(
+                PeerReason.EXPIRED,
+                f"expired certificate {serial} of {peer} is superseded by {latest.serial if latest else '?'}",
+            )
 
     # --- registry ---------------------------------------------------------------
     def register(

@@ -12,11 +12,21 @@ Two kinds of client certificate pass the handshake:
   enroll a CSR for that same key, so a join token is redeemed only by the
   party that ran this TLS session.
 
+A third kind passes only when the server runs with a renewal grace
+(``--renew-grace``, default 24h): an identity whose *leaf* has expired (every
+other certificate of the chain valid). Such a peer is marked ``expired``: it
+may call ``POST /v1/renew`` only, within the grace, and the control plane
+checks it is unrevoked and the host's latest certificate
+(:meth:`tapproof.control.service.ControlPlane.renew`). An agent whose
+certificate ran out while the control plane was unreachable (or while
+everything was frozen) so recovers with no manual step.
+
 Anything else (no certificate, an empty certificate message, a chain that
-does not verify) fails the handshake. The verify callback accepts exactly one
-OpenSSL error, "self-signed certificate" at depth 0 (raised only when the
-chain is that one certificate); every other error is OpenSSL's verdict. The
-first error of each handshake is remembered per thread, for the refusal reason.
+does not verify) fails the handshake. The verify callback accepts exactly
+two OpenSSL errors: "self-signed certificate" at depth 0 (raised only when the
+chain is that one certificate) and, with a grace, "certificate has expired"
+at depth 0; every other error is OpenSSL's verdict. The first error of each
+handshake is remembered per thread, for the refusal reason.
 """
 
 from __future__ import annotations
@@ -59,11 +69,13 @@ __all__ = [
 
 BOOTSTRAP_CN = "tapproof enrollment bootstrap"
 _SELF_SIGNED_LEAF = 18  # X509_V_ERR_DEPTH_ZERO_SELF_SIGNED_CERT
+_EXPIRED_CERT = 10  # X509_V_ERR_CERT_HAS_EXPIRED
 _BOOTSTRAP_VALIDITY = dt.timedelta(days=1)  # either side: the handshake, not the dates, proves freshness
 _BOOTSTRAP_CURVES = (ec.SECP256R1, ec.SECP384R1)
 
 _verify = threading.local()
 _BOOTSTRAP: weakref.WeakSet[SSL.Connection] = weakref.WeakSet()  # handshakes passed on a bootstrap certificate
+_EXPIRED: weakref.WeakSet[SSL.Connection] = weakref.WeakSet()  # handshakes passed on an expired leaf (grace)
 
 
 def _remember(errno: int) -> None:
@@ -88,12 +100,23 @@ def _callback(conn: SSL.Connection, _cert: crypto.X509, errno: int, depth: int, 
     return False
 
 
+def _callback_grace(conn: SSL.Connection, cert: crypto.X509, errno: int, depth: int, ok: int) -> bool:
+    if not ok and errno == _EXPIRED_CERT and depth == 0:
+        _EXPIRED.add(conn)
+        return True  # an expired leaf: judged after the handshake (authenticate: grace, /v1/renew only)
+    return _callback(conn, cert, errno, depth, ok)
+
+
 def api_server_context(
-    creds: Credentials, bundle: TrustBundle, *, unsafe_classical_groups: bool = False
+    creds: Credentials, bundle: TrustBundle, *, unsafe_classical_groups: bool = False, renew_grace: bool = False
 ) -> SSL.Context:
-    """The API server's context: TLS 1.3, X25519MLKEM768, a client certificate required."""
+    """The API server's context: TLS 1.3, X25519MLKEM768, a client certificate required.
+
+    ``renew_grace``: let an identity whose leaf has expired finish the handshake
+    (:func:`authenticate` then applies the grace and marks the peer ``expired``).
+    """
     ctx = context.server_context(creds, bundle, require_client_cert=True)
-    ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, _callback)
+    ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, _callback_grace if renew_grace else _callback)
     if unsafe_classical_groups:
         unsafe.allow_classical_groups(ctx)
     return ctx
@@ -133,6 +156,7 @@ class APIPeer:
     spiffe_id: identity.SpiffeID | None  # None: a bootstrap certificate (public routes only)
     key: bytes  # SPKI DER of the certificate's key (proof of possession: the TLS handshake)
     serial: str  # the certificate's serial (hex)
+    expired: bool = False  # an expired leaf within the renewal grace: POST /v1/renew only
 
     @property
     def bootstrap(self) -> bool:
@@ -140,17 +164,39 @@ class APIPeer:
         return self.spiffe_id is None
 
 
-def authenticate(stream: TLSStream, *, trust_domain: str, now: dt.datetime, revoked: Collection[str]) -> APIPeer:
+def authenticate(
+    stream: TLSStream,
+    *,
+    trust_domain: str,
+    now: dt.datetime,
+    revoked: Collection[str],
+    grace: dt.timedelta = dt.timedelta(0),
+) -> APIPeer:
     """The peer after a completed handshake, or :class:`PeerRejected` (fail closed).
 
     Run at the handshake and before every request on a keep-alive connection.
+    A leaf that expired less than ``grace`` ago passes every other check as of
+    its expiry and comes back marked ``expired`` (the caller restricts it to
+    renewal); past the grace it is refused with reason ``expired``.
     """
     leaf = stream.conn.get_peer_certificate(as_cryptography=True)
     if leaf is None:  # the context requires one; belt and braces
         raise PeerRejected(PeerReason.NO_CERTIFICATE, "peer presented no certificate")
+    expired = stream.conn in _EXPIRED or leaf.not_valid_after_utc <= now
     if stream.conn in _BOOTSTRAP:
+        if expired:
+            raise PeerRejected(PeerReason.EXPIRED, "bootstrap certificate has expired")
         _check_bootstrap(leaf)
         return APIPeer(None, key_der(leaf.public_key()), certs.serial_hex(leaf))
+    if expired:
+        late = now - leaf.not_valid_after_utc
+        if late > grace:
+            raise PeerRejected(
+                PeerReason.EXPIRED, f"certificate expired {int(late.total_seconds())} s ago (renewal grace {grace})"
+            )
+        at = min(now, leaf.not_valid_after_utc - dt.timedelta(seconds=1))  # every other check: as of its last second
+        sid = check_peer(stream, trust_domain=trust_domain, now=at, usage="client", revoked=revoked)
+        return APIPeer(sid, key_der(leaf.public_key()), certs.serial_hex(leaf), expired=True)
     sid = check_peer(stream, trust_domain=trust_domain, now=now, usage="client", revoked=revoked)
     return APIPeer(sid, key_der(leaf.public_key()), certs.serial_hex(leaf))
 
