@@ -35,7 +35,16 @@ DEFAULT_TRANSPARENT_PORT = 7447
 DEFAULT_INBOUND_PORT = 7448
 
 _LISTS = ("service", "route", "fleet_cidr", "protected_port")
-_STRINGS = ("listen_tunnel", "advertise", "mode", "admin", "sync_interval", "drain_timeout", "idle_timeout")
+_STRINGS = (
+    "listen_tunnel",
+    "advertise",
+    "mode",
+    "admin",
+    "sync_interval",
+    "drain_timeout",
+    "idle_timeout",
+    "max_clock_skew",
+)
 _BOOLS = ("transparent", "unsafe_service_target", "unsafe_route_listen", "unsafe_classical_groups", "mux")
 _NUMBERS = ("transparent_port", "inbound_port", "renew_fraction")
 KEYS = _LISTS + _STRINGS + _BOOLS + _NUMBERS
@@ -94,6 +103,7 @@ class AgentConfig:
     sync_interval: float = 5.0
     drain_timeout: float = 10.0
     idle_timeout: float = 3600.0
+    max_clock_skew: float = 300.0  # refuse certificates when our clock is further off the server's (0: no check)
     unsafe_service_target: bool = False
     unsafe_route_listen: bool = False
     unsafe_classical_groups: bool = False  # tunnel port and API client also accept X25519/P-256 (scanners)
@@ -316,6 +326,8 @@ def check(raw: dict[str, Any], *, is_root: bool | None = None) -> AgentConfig:
         raise ConfigError("--sync-interval: must be between 200ms and 1h")
     drain_timeout = _seconds(raw.get("drain_timeout", 10.0), "--drain-timeout")
     idle_timeout = _seconds(raw.get("idle_timeout", 3600.0), "--idle-timeout")
+    skew = raw.get("max_clock_skew", 300.0)
+    max_clock_skew = 0.0 if str(skew).strip() in ("0", "0s", "0.0") else _seconds(skew, "--max-clock-skew")
 
     return AgentConfig(
         listen_tunnel=format_hostport(thost, tport),
@@ -333,6 +345,7 @@ def check(raw: dict[str, Any], *, is_root: bool | None = None) -> AgentConfig:
         sync_interval=sync_interval,
         drain_timeout=drain_timeout,
         idle_timeout=idle_timeout,
+        max_clock_skew=max_clock_skew,
         unsafe_service_target=unsafe_target,
         unsafe_route_listen=unsafe_listen,
         unsafe_classical_groups=flag("unsafe_classical_groups"),

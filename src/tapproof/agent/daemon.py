@@ -35,6 +35,7 @@ one policy evaluation on immutable snapshots.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import ipaddress
 import json
 import logging
@@ -451,7 +452,7 @@ def run(data_dir: Path, join: str | None, config_file: Path | None, overrides: d
     if not paths.enrolled():
         if not join:
             raise ConfigError(f"--data-dir: {paths.root} is not enrolled: give --join JOIN_STRING on the first start")
-        enroll(paths.root, join)
+        enroll(paths.root, join, max_clock_skew=dt.timedelta(seconds=cfg.max_clock_skew))
     elif join:
         log_event(log, "join-ignored", reason="data dir already enrolled", data_dir=str(paths.root))
     fd_limit = raise_limits()  # 10,000 tunnels need 20,000 descriptors and 10,000 threads

@@ -5,6 +5,11 @@ root pinned in the join string (checked before the secret is sent), and the
 returned certificate must chain to that same root and carry our key. Files
 are written only after every check passed, into a temporary directory that
 is then moved into place: a refused enrollment writes nothing.
+
+Clock skew (:mod:`tapproof.agent.clockskew`) is measured twice: on a
+``GET /v1/bundle`` before the join secret is sent (a refusal then keeps the
+token unspent) and on the enrollment answer (its ``Date`` header, else the
+certificate's ``notBefore``).
 """
 
 from __future__ import annotations
@@ -17,20 +22,32 @@ import tempfile
 from pathlib import Path
 
 from tapproof import identity
-from tapproof.agent.state import AgentIdentity, AgentPaths
-from tapproof.control import joinstring
-from tapproof.control.client import enroll_pinned
-from tapproof.errors import ConfigError, PeerReason, PeerRejected, PKIError
+from tapproof.agent import clockskew
+from tapproof.agent.state import AgentIdentity, AgentPaths, save_credentials
+from tapproof.control import joinstring, tlsctx
+from tapproof.control.client import date_probe, pinned_call
+from tapproof.errors import ClockSkewError, ConfigError, PeerReason, PeerRejected, PKIError, TapproofError
 from tapproof.logs import log_event
 from tapproof.pki import certs, csr, keys
 from tapproof.pki.verify import check_leaf, verify_chain
+from tapproof.tls import pinning
 from tapproof.tls.credentials import Credentials, TrustBundle
 
 log = logging.getLogger(__name__)
 
 
-def enroll(data_dir: Path, join: str, *, algorithm: keys.Algorithm = "ecdsa-p256") -> Credentials:
-    """Enroll with ``join``; return the new credentials (also written to ``data_dir``)."""
+def enroll(
+    data_dir: Path,
+    join: str,
+    *,
+    algorithm: keys.Algorithm = "ecdsa-p256",
+    max_clock_skew: dt.timedelta = clockskew.DEFAULT_MAX_SKEW,
+) -> Credentials:
+    """Enroll with ``join``; return the new credentials (also written to ``data_dir``).
+
+    ``max_clock_skew`` (``--max-clock-skew``; 0 disables the check): refuse with
+    :class:`ClockSkewError` when this host's clock is further off the server's.
+    """
     js = joinstring.parse(join)
     paths = AgentPaths(Path(data_dir))
     if paths.enrolled():
@@ -38,15 +55,31 @@ def enroll(data_dir: Path, join: str, *, algorithm: keys.Algorithm = "ecdsa-p256
     if paths.root.exists() and not paths.root.is_dir():
         raise ConfigError(f"--data-dir: {paths.root} is not a directory")
     key = keys.generate(algorithm)
-    resp = enroll_pinned(
-        js.servers, js.trust_domain, js.fingerprint, {"token": js.secret, "csr": csr.build(key, None).decode()}, key
-    )
+    sent = dt.datetime.now(dt.UTC)
+    try:
+        _status, headers, _body = pinned_call(js.servers, js.trust_domain, js.fingerprint, key, "GET", "/v1/bundle")
+    except PeerRejected as exc:  # maybe only our clock: ask for the server's time, all else checked
+        try:
+            date = date_probe(
+                js.servers,
+                lambda: tlsctx.bootstrap_client_context(key),
+                lambda s, when: pinning.verify_pinned(s, js.fingerprint, js.trust_domain, when),
+            )
+        except TapproofError:
+            raise exc from None
+        _skew(clockskew.measure(sent, dt.datetime.now(dt.UTC), date), max_clock_skew)
+        raise
+    _skew(clockskew.measure(sent, dt.datetime.now(dt.UTC), headers.get("date")), max_clock_skew)
+    sent = dt.datetime.now(dt.UTC)
+    body = {"token": js.secret, "csr": csr.build(key, None).decode()}
+    _status, headers, resp = pinned_call(js.servers, js.trust_domain, js.fingerprint, key, "POST", "/v1/enroll", body)
     now = dt.datetime.now(dt.UTC)
     try:
         chain = tuple(certs.load_pem_chain(str(resp["certificate"]).encode(), what="issued certificate"))
         bundle = TrustBundle.from_pem(str(resp["bundle"]).encode())
     except (KeyError, TypeError, PKIError) as exc:
         raise PeerRejected(PeerReason.UNTRUSTED, f"server sent an unusable enrollment answer: {exc}") from exc
+    _skew(clockskew.measure(sent, now, headers.get("date"), chain[0].not_valid_before_utc), max_clock_skew)
     pinned = [r for r in bundle.roots if certs.fingerprint(r) == js.fingerprint]
     if not pinned:
         raise PeerRejected(PeerReason.FINGERPRINT_MISMATCH, "returned trust bundle lacks the pinned root")
@@ -63,20 +96,32 @@ def enroll(data_dir: Path, join: str, *, algorithm: keys.Algorithm = "ecdsa-p256
     return creds
 
 
+def _skew(skew: clockskew.Skew | None, limit: dt.timedelta) -> None:
+    clockskew.observe(skew)
+    try:
+        clockskew.check(skew, limit, when="enrollment")
+    except ClockSkewError as exc:
+        clockskew.refused(exc, at="enrollment")
+        raise
+
+
 def _write(paths: AgentPaths, creds: Credentials, bundle: TrustBundle, ident: AgentIdentity) -> None:
     parent = paths.root.resolve().parent
     parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tapproof-enroll-", dir=parent))
+    # inside the data dir when it exists (it may be a mount point: a rename must not cross devices)
+    tmp = Path(tempfile.mkdtemp(prefix=".tapproof-enroll-", dir=paths.root if paths.root.is_dir() else parent))
     try:
         t = AgentPaths(tmp)
-        creds.save(t.key, t.cert)
+        save_credentials(t, creds)  # tmp/creds/gN, tmp/current and the key.pem/cert.pem links (all relative)
         (t.bundle).write_bytes(bundle.to_pem())
         (t.identity).write_bytes(ident.to_toml())
         if not paths.root.exists():
             os.rename(tmp, paths.root)
             return
-        for name in (t.key, t.cert, t.bundle, t.identity):  # identity last: it marks "enrolled"
-            os.replace(name, paths.root / name.name)
+        if (paths.root / "creds").exists():  # left by an earlier, interrupted enrollment (not enrolled)
+            shutil.rmtree(paths.root / "creds")
+        for name in ("creds", "current", "key.pem", "cert.pem", "bundle.pem", "agent.toml"):  # identity last
+            os.replace(tmp / name, paths.root / name)
         paths.root.chmod(0o700)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

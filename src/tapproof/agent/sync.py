@@ -33,6 +33,7 @@ loop fills.
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import logging
 import os
 import random
@@ -217,7 +218,9 @@ class SyncLoop:
         if self._next_renew_try and mono < self._next_renew_try:
             return
         try:
-            new = renewal.renew(rt.paths, now, self.client)
+            new = renewal.renew(
+                rt.paths, now, self.client, max_clock_skew=dt.timedelta(seconds=rt.config.max_clock_skew)
+            )
         except TapproofError as exc:
             life = material.creds.lifetime.total_seconds()
             cap = max(1.0, min(60.0, life * 0.05))

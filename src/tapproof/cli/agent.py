@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,12 @@ from tapproof.agent.config import (
     DEFAULT_TRANSPARENT_PORT,
 )
 from tapproof.pki import certs
+from tapproof.units import parse_duration
+
+_SKEW_HELP = (
+    "refuse a certificate when this host's clock is further than this from the control plane's "
+    "(measured at enrollment and each renewal; default 5m; 0 disables)"
+)
 
 
 def register(sub: Any) -> None:
@@ -23,6 +30,7 @@ def register(sub: Any) -> None:
     sp = asub.add_parser("enroll", help="enroll this host with a join string")
     sp.add_argument("--data-dir", required=True, type=Path, help="the agent's data directory")
     sp.add_argument("--join", required=True, help="join string from `tapproof server token create`")
+    sp.add_argument("--max-clock-skew", default="5m", help=_SKEW_HELP)
     sp.set_defaults(func=cmd_enroll)
 
     sp = asub.add_parser(
@@ -72,6 +80,7 @@ def register(sub: Any) -> None:
     sp.add_argument("--sync-interval", help="control-plane poll interval (default 5s)")
     sp.add_argument("--drain-timeout", help="how long SIGTERM waits for live tunnels (default 10s)")
     sp.add_argument("--idle-timeout", help="close a tunnel idle this long (default 1h)")
+    sp.add_argument("--max-clock-skew", help=_SKEW_HELP)
     sp.add_argument(
         "--unsafe-service-target",
         action="store_true",
@@ -103,7 +112,9 @@ def register(sub: Any) -> None:
 
 def cmd_enroll(args: argparse.Namespace) -> int:
     """Enroll and print the identity obtained."""
-    creds = enrollment.enroll(args.data_dir, args.join)
+    skew = dt.timedelta(0) if args.max_clock_skew.strip() in ("0", "0s") else None
+    skew = skew if skew is not None else parse_duration(args.max_clock_skew, what="--max-clock-skew")
+    creds = enrollment.enroll(args.data_dir, args.join, max_clock_skew=skew)
     print(f"identity:   {creds.spiffe_id}")
     print(f"serial:     {certs.serial_hex(creds.leaf)}")
     print(f"not after:  {creds.not_after:%Y-%m-%d %H:%M:%S} UTC")
@@ -131,6 +142,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         "sync_interval": args.sync_interval,
         "drain_timeout": args.drain_timeout,
         "idle_timeout": args.idle_timeout,
+        "max_clock_skew": args.max_clock_skew,
         "unsafe_service_target": args.unsafe_service_target,
         "unsafe_route_listen": args.unsafe_route_listen,
         "unsafe_classical_groups": args.unsafe_classical_groups,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import re
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -19,7 +20,7 @@ from OpenSSL import SSL
 
 from tapproof import identity
 from tapproof.control import tlsctx
-from tapproof.errors import APIError, PeerRejected, TransportError
+from tapproof.errors import APIError, PeerReason, PeerRejected, TransportError
 from tapproof.pki.keys import PrivateKey
 from tapproof.tls import pinning
 from tapproof.tls.peer import check_peer
@@ -77,6 +78,33 @@ def _roundtrip(
         except ValueError as exc:
             raise TransportError("server answered with invalid JSON") from exc
     return resp.status_code, rh, parsed
+
+
+_ALERT = re.compile(r"(?:tlsv1[0-9]?|sslv3|tls) alert ([a-z0-9 ]+)", re.IGNORECASE)
+
+
+def tls_alert(exc: BaseException) -> str | None:
+    """The TLS alert a server answered with (``certificate expired``, ``unknown ca``...), or None."""
+    m = _ALERT.search(str(exc))
+    return m.group(1).strip().lower() if m else None
+
+
+def _failure(failures: Sequence[tuple[str, Exception]]) -> TransportError:
+    """What went wrong with every server: a TLS alert is an answer (a refusal), not silence."""
+    refused = [(s, a) for s, exc in failures if (a := tls_alert(exc))]
+    if refused:
+        server, alert = refused[0]
+        hint = " (our certificate expired: the server's renewal grace may have passed)" if "expired" in alert else ""
+        others = f"; {len(failures) - 1} other server(s) failed too" if len(failures) > 1 else ""
+        return TransportError(f"control-plane server {server} refused the TLS handshake: {alert}{hint}{others}")
+    detail = "; ".join(f"{s}: {exc}" for s, exc in failures) or "none tried"
+    closed = [s for s, exc in failures if "connection lost" in str(exc) or "without answering" in str(exc)]
+    if closed:
+        return TransportError(
+            f"control-plane server {closed[0]} closed the connection after the TLS handshake without answering "
+            f"(it may have refused our certificate: see its log) ({detail})"
+        )
+    return TransportError(f"no control-plane server answered ({detail})")
 
 
 def _raise_for(status: int, parsed: Any) -> None:
@@ -144,6 +172,20 @@ class APIClient:
             on_answer=answered,
         )
 
+    def server_date(self) -> str | None:
+        """The ``Date`` header of a server whose certificate verifies in every respect but the clock.
+
+        For telling clock skew apart from a bad certificate after a handshake
+        check failed: the answer's body is not used.
+        """
+
+        def verify_at(stream: TLSStream, when: dt.datetime) -> None:
+            check_peer(
+                stream, trust_domain=self.td, now=when, usage="server", accept=lambda s: s.kind is identity.Kind.SERVER
+            )
+
+        return date_probe(self.servers, self.ctx_factory, verify_at, timeout=self.timeout, mark=self.mark)
+
     def get(self, path: str) -> Any:
         """GET and return the JSON body."""
         return self.call("GET", path)[2]
@@ -174,12 +216,14 @@ def _call_any(
     (not a 503).
     """
     last: Exception | None = None
+    failures: list[tuple[str, Exception]] = []
     for server in servers:
         host, port = parse_hostport(server, what="server address")
         try:
             stream = connect((host, port), ctx_factory(), timeout=timeout, mark=mark)
         except (TransportError, PeerRejected) as exc:
             last = exc
+            failures.append((server, exc))
             continue
         try:
             verify(stream)
@@ -187,6 +231,7 @@ def _call_any(
         except TransportError as exc:
             stream.abort()
             last = exc
+            failures.append((server, exc))
             continue
         except BaseException:
             stream.abort()
@@ -201,7 +246,33 @@ def _call_any(
         return status, rh, parsed
     if isinstance(last, APIError | PeerRejected):
         raise last
-    raise TransportError(f"no control-plane server answered ({', '.join(servers)}): {last}")
+    raise _failure(failures)
+
+
+def date_probe(
+    servers: Sequence[str],
+    ctx_factory: Callable[[], SSL.Context],
+    verify_at: Callable[[TLSStream, dt.datetime], object],
+    *,
+    timeout: float = 10.0,
+    mark: int | None = None,
+) -> str | None:
+    """``GET /v1/bundle`` and return its ``Date`` header, the server's certificate checked by
+    ``verify_at`` as of the middle of its own validity (pins, chain, identity: all but our clock).
+
+    Only the header is used: this tells a wrong local clock from a bad certificate.
+    """
+
+    def verify(stream: TLSStream) -> None:
+        leaf = stream.conn.get_peer_certificate(as_cryptography=True)
+        if leaf is None:
+            raise PeerRejected(PeerReason.NO_CERTIFICATE, "server presented no certificate")
+        verify_at(stream, leaf.not_valid_before_utc + (leaf.not_valid_after_utc - leaf.not_valid_before_utc) / 2)
+
+    _status, headers, _body = _call_any(
+        servers, ctx_factory, verify, "GET", "/v1/bundle", None, (), timeout=timeout, mark=mark
+    )
+    return headers.get("date")
 
 
 def enroll_pinned(
@@ -220,10 +291,26 @@ def enroll_pinned(
     and binds the enrollment to it). The pinned-root check runs before the request
     (and its join secret) is sent.
     """
+    return pinned_call(servers, trust_domain, fingerprint, key, "POST", "/v1/enroll", body, timeout=timeout)[2]
+
+
+def pinned_call(
+    servers: Sequence[str],
+    trust_domain: str,
+    fingerprint: str,
+    key: PrivateKey,
+    method: str,
+    path: str,
+    body: Any = None,
+    *,
+    timeout: float = 10.0,
+) -> tuple[int, dict[str, str], Any]:
+    """One call on a public route with the bootstrap certificate for ``key``, to a server whose
+    chain ends at the pinned root (checked before the request is sent): (status, headers, body)."""
 
     def verify(stream: TLSStream) -> None:
         pinning.verify_pinned(stream, fingerprint, trust_domain, dt.datetime.now(dt.UTC))
 
     return _call_any(
-        servers, lambda: tlsctx.bootstrap_client_context(key), verify, "POST", "/v1/enroll", body, (), timeout=timeout
-    )[2]
+        servers, lambda: tlsctx.bootstrap_client_context(key), verify, method, path, body, (), timeout=timeout
+    )
