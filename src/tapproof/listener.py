@@ -12,6 +12,12 @@ open-file soft limit to the hard limit and makes thread stacks
 :data:`STACK_SIZE` (the default 8 MiB only costs address space, but 10,000 of
 them look alarming and count against overcommit); :data:`MAX_WORKERS` caps
 handlers per listener.
+
+Every refusal (``too-many-connections``, ``no-worker``) is counted
+(``on_refuse``) and logged as one structured line (event
+``connection-refused`` with its reason); under a flood the lines are
+rate-limited to one per :data:`LOG_EVERY` seconds per reason, and the next
+line says how many were not logged (``suppressed``).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import logging
 import resource
 import socket
 import threading
+import time
 from collections.abc import Callable
 
 from tapproof.errors import TransportError
@@ -50,6 +57,9 @@ def raise_limits() -> int:
         threading.stack_size(STACK_SIZE)
     return int(soft)
 
+
+LOG_EVERY = 1.0
+"""Seconds between two ``connection-refused`` lines of one reason (the rest are counted, then summarised)."""
 
 Handler = Callable[[socket.socket, tuple[str, int]], None]
 OnRefuse = Callable[[str], None]
@@ -89,6 +99,8 @@ class Listener:
         self._active = 0
         self._idle = threading.Condition()
         self._stop = threading.Event()
+        self._logged: dict[str, float] = {}  # reason -> monotonic time of its last line
+        self._suppressed: dict[str, int] = {}  # reason -> refusals not logged since
         self._thread = threading.Thread(target=self._loop, name=f"accept-{name}", daemon=True)
         host, port = sock.getsockname()[:2]
         self.address = format_hostport(str(host), int(port))
@@ -117,7 +129,7 @@ class Listener:
                 self._stop.wait(0.05)
                 continue
             if not self._slots.acquire(blocking=False):
-                self.on_refuse("too-many-connections")
+                self._refuse("too-many-connections", addr)
                 with contextlib.suppress(OSError):
                     conn.close()
                 continue
@@ -127,9 +139,27 @@ class Listener:
                 t.start()
             except RuntimeError:  # cannot start a thread: refuse this one
                 self._slots.release()
-                self.on_refuse("no-worker")
+                self._refuse("no-worker", addr)
                 with contextlib.suppress(OSError):
                     conn.close()
+
+    def _refuse(self, reason: str, addr: tuple[str, int]) -> None:
+        """Count a refused connection; log it (one line per reason per :data:`LOG_EVERY` seconds)."""
+        self.on_refuse(reason)
+        now = time.monotonic()
+        if now - self._logged.get(reason, -LOG_EVERY) < LOG_EVERY:
+            self._suppressed[reason] = self._suppressed.get(reason, 0) + 1
+            return
+        self._logged[reason] = now
+        log_event(
+            log,
+            "connection-refused",
+            level=logging.WARNING,
+            reason=reason,
+            listener=self.name,
+            source=format_hostport(str(addr[0]), int(addr[1])) if addr else "",
+            suppressed=self._suppressed.pop(reason, 0),
+        )
 
     def _run(self, conn: socket.socket, addr: tuple[str, int]) -> None:
         with self._idle:
