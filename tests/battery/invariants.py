@@ -313,7 +313,15 @@ def usage(pid: int) -> Usage:
 
 # --- 4. logs and metrics -------------------------------------------------------------------------------
 
-REFUSAL_EVENTS = ("tunnel-refused", "api-refused", "handshake-refused", "peer-refused-mid-connection", "enroll-refused")
+REFUSAL_EVENTS = (
+    "tunnel-refused",
+    "api-refused",
+    "handshake-refused",
+    "peer-refused-mid-connection",
+    "enroll-refused",
+    "connection-refused",
+    "clock-skew",
+)
 
 
 def log_problems(text: str, allow: Sequence[str] = ()) -> list[str]:
