@@ -13,6 +13,7 @@ import datetime as dt
 import pytest
 
 from tapproof.errors import Conflict, NotFound
+from tapproof.store import open_store
 from tapproof.store.base import CARequestRecord, CAServerRecord, IntermediateRecord, Store
 from tests.store.conformance import HOUR, MIN, T0, cert, enroll, root, run_threads
 
@@ -122,3 +123,39 @@ def test_host_bundle_is_recorded(store: Store) -> None:
     assert (host.bundle, host.advertise, host.last_seen) == ("a,b", "10.0.0.1:7444", T0 + 2 * MIN)
     with pytest.raises(NotFound):
         store.update_host_seen("nope", T0, bundle="a")
+
+
+def test_add_trust_root_if_is_a_compare_and_set(store: Store) -> None:
+    store.add_trust_root(root("a", T0, "active"))
+    a = "a" * 64
+    store.add_trust_root_if(root("b", T0 + MIN, "prepared"), {a: "active"})
+    assert [(r.fingerprint[0], r.state) for r in store.list_trust_roots()] == [("a", "active"), ("b", "prepared")]
+    with pytest.raises(Conflict):  # a stale view: b is there now
+        store.add_trust_root_if(root("c", T0 + MIN, "prepared"), {a: "active"})
+    with pytest.raises(Conflict):  # a root that is not there
+        store.add_trust_root_if(
+            root("c", T0 + MIN, "prepared"), {a: "active", "b" * 64: "prepared", "d" * 64: "active"}
+        )
+    assert len(store.list_trust_roots()) == 2
+
+
+def test_concurrent_prepares_leave_one_prepared_root(store: Store, db_url: str) -> None:
+    """Eight preparers, each on its own connection pool (as separate processes would be): one wins."""
+    store.add_trust_root(root("a", T0, "active"))
+    stores = [open_store(db_url) for _ in range(8)]
+    wins: list[int] = []
+    try:
+
+        def prepare(i: int) -> None:
+            try:
+                stores[i].add_trust_root_if(root(f"{i:x}" * 64, T0 + MIN, "prepared"), {"a" * 64: "active"})
+                wins.append(i)
+            except Conflict:
+                pass
+
+        run_threads(8, prepare)
+    finally:
+        for s in stores:
+            s.close()
+    assert len(wins) == 1
+    assert sorted(r.state for r in store.list_trust_roots()) == ["active", "prepared"]

@@ -20,7 +20,7 @@ from rich.table import Table
 
 from tapproof.clock import SystemClock
 from tapproof.control import config as server_config
-from tapproof.errors import ConfigError
+from tapproof.errors import ConfigError, Conflict
 from tapproof.identity import check_name
 from tapproof.pki import certs, cluster, keys, rotation
 from tapproof.store import Store, TrustRootRecord, open_store
@@ -147,10 +147,20 @@ def cmd_rotate(args: argparse.Namespace) -> int:
     now = SystemClock().now()
     try:
         if args.step == "prepare":
-            _refuse(rotation.check_prepare(_snapshot(store, now)), "rotate prepare", False)
+            snap = _snapshot(store, now)
+            _refuse(rotation.check_prepare(snap), "rotate prepare", False)
             root, key, path = cluster.new_root(cfg.data_dir, cfg.trust_domain, now)
             fp = certs.fingerprint(root)
-            store.add_trust_root(TrustRootRecord(fp, certs.to_pem(root).decode(), "prepared", now))
+            try:  # compare-and-set: two prepares at once leave one prepared root
+                store.add_trust_root_if(
+                    TrustRootRecord(fp, certs.to_pem(root).decode(), "prepared", now),
+                    {r.fingerprint: r.state for r in snap.roots},
+                )
+            except Conflict as exc:
+                path.unlink(missing_ok=True)
+                raise ConfigError(
+                    f"rotate prepare: another `rotate prepare` won the race ({exc}); nothing changed"
+                ) from exc
             done = cluster.sign_keys_under(store, cfg.trust_domain, root, key, now, cfg.intermediate_ttl)
             root_keys = cluster.find_root_keys(cfg.data_dir, cluster.root_certs(store), args.root_key)
             cluster.sign_requests(store, cfg.trust_domain, root_keys, now, cfg.intermediate_ttl)

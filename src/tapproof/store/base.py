@@ -191,6 +191,11 @@ class Store(Protocol):
         """All roots, oldest first."""
         ...
 
+    def add_trust_root_if(self, root: TrustRootRecord, expected: Mapping[str, RootState]) -> None:
+        """Add ``root`` only if the roots are exactly ``expected`` (fingerprint -> state), in one
+        transaction: Conflict otherwise (someone else prepared a root first). ``rotate prepare``."""
+        ...
+
     def transition_trust_roots(
         self, expected: Mapping[str, RootState], changes: Mapping[str, RootState | None]
     ) -> None:

@@ -298,6 +298,35 @@ class SQLStore:
 
         return self._read("list trust roots", body)
 
+    def add_trust_root_if(self, root: TrustRootRecord, expected: Mapping[str, RootState]) -> None:
+        """Add ``root`` only if the roots are exactly ``expected`` (Conflict otherwise).
+
+        The expected rows are locked first (``FOR UPDATE``: a concurrent caller
+        waits here), then every root is read again: under PostgreSQL's READ
+        COMMITTED that second statement sees a root the winner committed while
+        we waited. SQLite's ``BEGIN IMMEDIATE`` serialises the writers anyway.
+        """
+
+        def body(conn: sa.Connection) -> None:
+            conn.execute(
+                sa.select(trust_roots.c.fingerprint)
+                .where(trust_roots.c.fingerprint.in_(list(expected)))
+                .with_for_update()
+            ).all()
+            found = {
+                r.fingerprint: r.state for r in conn.execute(sa.select(trust_roots.c.fingerprint, trust_roots.c.state))
+            }
+            if found != dict(expected):
+                now = ", ".join(f"{fp[:16]} {st}" for fp, st in sorted(found.items())) or "none"
+                raise Conflict(f"the trust roots changed meanwhile (now: {now})")
+            conn.execute(
+                trust_roots.insert().values(
+                    fingerprint=root.fingerprint, cert_pem=root.cert_pem, state=root.state, created_at=root.created_at
+                )
+            )
+
+        self._write("add trust root if", body)
+
     def transition_trust_roots(
         self, expected: Mapping[str, RootState], changes: Mapping[str, RootState | None]
     ) -> None:
