@@ -160,20 +160,36 @@ def _start_server_proc(
         time.sleep(0.3)  # retry: the address may still be held by the killed process
 
 
-def init_server(data_dir: Path, td: str = "example.org", leaf_ttl: str = "1h", db: str | None = None) -> str:
-    """``tapproof server init`` with a fixed free port (so a restart reuses it); return the listen address."""
+def init_server(
+    data_dir: Path, td: str = "example.org", leaf_ttl: str = "1h", db: str | None = None, extra: tuple[str, ...] = ()
+) -> str:
+    """``tapproof server init`` with a fixed free port (so a restart reuses it); return the listen address.
+
+    ``extra``: more ``server init`` flags (e.g. ``("--intermediate-ttl", "1m")``).
+    """
     listen = f"127.0.0.1:{free_port()}"
     res = tapproof(
         "server", "init", "--data-dir", str(data_dir), "--trust-domain", td, "--listen", listen, "--leaf-ttl", leaf_ttl,
-        *(["--db", db] if db else []),
+        *(["--db", db] if db else []), *extra,
     )  # fmt: skip
     assert res.returncode == 0, res.stderr
     return listen
 
 
-def start_server(data_dir: Path, td: str = "example.org", leaf_ttl: str = "1h", db: str | None = None) -> ServerProc:
-    """Init and run a server on 127.0.0.1 (``db``: a ``postgresql://`` URL instead of SQLite in the data dir)."""
-    listen = init_server(data_dir, td, leaf_ttl, db)
+def start_server(
+    data_dir: Path, td: str = "example.org", leaf_ttl: str = "1h", db: str | None = None, extra: tuple[str, ...] = ()
+) -> ServerProc:
+    """Init and run a server on 127.0.0.1 (``db``: a ``postgresql://`` URL instead of SQLite in the data dir;
+    ``extra``: more ``server init`` flags)."""
+    listen = init_server(data_dir, td, leaf_ttl, db, extra)
+    log_path = data_dir.parent / f"{data_dir.name}.log"
+    metrics = f"127.0.0.1:{free_port()}"
+    return ServerProc(data_dir, listen, _start_server_proc(data_dir, listen, log_path, metrics), log_path, metrics)
+
+
+def run_server(data_dir: Path) -> ServerProc:
+    """Run an already initialised data dir on the listen address its ``server.toml`` names."""
+    listen = server_config.load(data_dir).listen
     log_path = data_dir.parent / f"{data_dir.name}.log"
     metrics = f"127.0.0.1:{free_port()}"
     return ServerProc(data_dir, listen, _start_server_proc(data_dir, listen, log_path, metrics), log_path, metrics)
