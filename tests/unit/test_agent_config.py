@@ -60,6 +60,8 @@ def test_services_and_routes_parse() -> None:
         ({"sync_interval": "10ms"}, "--sync-interval"),
         ({"listen_tunnel": "nohost"}, "--listen-tunnel"),
         ({"surprise": 1}, "surprise"),
+        ({"expiry_warn": "150%"}, "--expiry-warn"),
+        ({"expiry_warn": "leef=10d"}, "--expiry-warn"),
     ],
 )
 def test_each_bad_setting_names_its_flag(raw: dict[str, object], flag: str) -> None:
@@ -106,3 +108,17 @@ def test_bad_file_names_config(tmp_path: Path) -> None:
     f.write_text('listen = "x"\n')
     with pytest.raises(ConfigError, match="unknown key"):
         config.load(f, {})
+
+
+def test_expiry_warn_from_file_env_and_flag(tmp_path: Path) -> None:
+    """One name everywhere: key ``expiry_warn``, variable ``TAPPROOF_EXPIRY_WARN``, flag ``--expiry-warn``."""
+    assert check({}).expiry_warn == "25%"
+    f = tmp_path / "agent.toml"
+    f.write_text('expiry_warn = "30%,root=365d"\n')
+    assert config.load(f, {"expiry_warn": None}, {}).expiry_warn == "30%,root=365d"
+    env = {"TAPPROOF_EXPIRY_WARN": "intermediate=30d"}
+    assert config.load(f, {"expiry_warn": None}, env).expiry_warn == "intermediate=30d"
+    assert config.load(f, {"expiry_warn": "10%"}, env).expiry_warn == "10%"
+    f.write_text('expiry_warn = "often"\n')
+    with pytest.raises(ConfigError, match="--expiry-warn"):
+        config.load(f, {}, {})

@@ -23,6 +23,8 @@ from typing import Any, Literal
 
 from tapproof.errors import ConfigError
 from tapproof.identity import check_name
+from tapproof.pki.expiry import DEFAULT as DEFAULT_EXPIRY_WARN
+from tapproof.pki.expiry import parse_warn
 from tapproof.units import format_hostport, parse_duration, parse_hostport
 
 __all__ = ["AgentConfig", "Route", "Service", "check", "is_loopback", "load"]
@@ -44,6 +46,7 @@ _STRINGS = (
     "drain_timeout",
     "idle_timeout",
     "max_clock_skew",
+    "expiry_warn",
 )
 _BOOLS = ("transparent", "unsafe_service_target", "unsafe_route_listen", "unsafe_classical_groups", "mux")
 _NUMBERS = ("transparent_port", "inbound_port", "renew_fraction")
@@ -108,6 +111,7 @@ class AgentConfig:
     unsafe_route_listen: bool = False
     unsafe_classical_groups: bool = False  # tunnel port and API client also accept X25519/P-256 (scanners)
     mux: bool = False  # outbound: carry tunnels as streams over pooled agent-pair connections (ALPN tapproof-mux/1)
+    expiry_warn: str = DEFAULT_EXPIRY_WARN  # expiry warning thresholds (tapproof.pki.expiry), as the server's
 
     def service(self, name: str) -> Service | None:
         """The fronted service called ``name``, if any."""
@@ -328,6 +332,8 @@ def check(raw: dict[str, Any], *, is_root: bool | None = None) -> AgentConfig:
     idle_timeout = _seconds(raw.get("idle_timeout", 3600.0), "--idle-timeout")
     skew = raw.get("max_clock_skew", 300.0)
     max_clock_skew = 0.0 if str(skew).strip() in ("0", "0s", "0.0") else _seconds(skew, "--max-clock-skew")
+    expiry_warn = text("expiry_warn", DEFAULT_EXPIRY_WARN)
+    parse_warn(expiry_warn, what="--expiry-warn")
 
     return AgentConfig(
         listen_tunnel=format_hostport(thost, tport),
@@ -350,6 +356,7 @@ def check(raw: dict[str, Any], *, is_root: bool | None = None) -> AgentConfig:
         unsafe_route_listen=unsafe_listen,
         unsafe_classical_groups=flag("unsafe_classical_groups"),
         mux=flag("mux"),
+        expiry_warn=expiry_warn,
     )
 
 

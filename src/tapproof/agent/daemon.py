@@ -283,6 +283,7 @@ class Agent:
             },
             "trust_bundle": list(m.bundle.fingerprints),
             "expiries": self.sync.expiries() if self.sync is not None else [],
+            "expiry_warn": rt.config.expiry_warn,
             "tunnel": rt.tunnel_address,
             "advertise": rt.advertise,
             "mode": rt.config.mode,

@@ -16,8 +16,9 @@ loop fills.
   cached policy/registry; ``tapproof_agent_control_plane_up`` is 0 and one
   line is logged per transition.
 * ``tapproof_agent_certificate_expiry_seconds`` is updated every round; a
-  warning is logged (at most every 30 s) once less than a quarter of the
-  lifetime is left, an error once it has expired.
+  warning is logged (at most every 30 s) once the leaf threshold of
+  ``--expiry-warn`` is crossed (default: a quarter of the lifetime left),
+  an error once it has expired.
 * Root rotation (docs/rotation.md): ``/v1/bundle`` names the ``active`` root.
   A new bundle is reported back at once (``bundle`` in the registration), so
   ``server ca rotate activate`` knows every agent holds the next root; a
@@ -26,8 +27,8 @@ loop fills.
   herd), so ``rotate retire`` need not wait for leaves to expire.
 * ``tapproof_agent_ca_expiry_seconds{kind,cert}`` and
   ``tapproof_agent_ca_expiry_warning{kind,cert}``: leaf, intermediate(s) and
-  every root of the bundle, warning thresholds from ``TAPPROOF_EXPIRY_WARN``
-  (same syntax as the server's ``--expiry-warn``; default 25%).
+  every root of the bundle, warning thresholds from ``--expiry-warn`` / key
+  ``expiry_warn`` / ``TAPPROOF_EXPIRY_WARN`` (as the server's; default 25%).
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import logging
-import os
 import random
 import threading
 import time
@@ -81,9 +81,6 @@ class SyncLoop:
         self._was_up: bool | None = None
         self._active = ""  # the root the server issues under (from /v1/bundle)
         self._early_at = 0.0  # monotonic time of a pending early renewal (chain to a non-active root)
-        self.warn = expiry.parse_warn(
-            os.environ.get("TAPPROOF_EXPIRY_WARN") or expiry.DEFAULT, what="TAPPROOF_EXPIRY_WARN"
-        )
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="sync", daemon=True)
         CONTROL_PLANE_UP.set(0)
@@ -264,6 +261,11 @@ class SyncLoop:
             )
         return mono >= self._early_at
 
+    @property
+    def warn(self) -> expiry.WarnPolicy:
+        """The expiry thresholds of the current config (``--expiry-warn``; follows a SIGHUP reload)."""
+        return expiry.parse_warn(self.rt.config.expiry_warn)
+
     def expiries(self) -> list[dict[str, object]]:
         """Leaf, intermediate(s) and roots with time left and warning flags (the agent's ``/status``)."""
         material = self.rt.creds.current
@@ -282,9 +284,9 @@ class SyncLoop:
             CA_WARNING.labels(e.kind, e.name).set(1 if reached else 0)
         left = (creds.not_after - now).total_seconds()
         CERT_EXPIRY.set(left)
-        life = creds.lifetime.total_seconds()
         mono = time.monotonic()
-        if left < life / 4 and mono - self._last_warn >= 30.0:
+        leaf_warn = self.warn.for_kind("leaf").reached(creds.issued_at, creds.not_after, now)
+        if leaf_warn and mono - self._last_warn >= 30.0:
             self._last_warn = mono
             if left <= 0:
                 log_event(log, "certificate-expired", level=logging.ERROR, not_after=creds.not_after)

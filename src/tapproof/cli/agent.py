@@ -82,6 +82,11 @@ def register(sub: Any) -> None:
     sp.add_argument("--idle-timeout", help="close a tunnel idle this long (default 1h)")
     sp.add_argument("--max-clock-skew", help=_SKEW_HELP)
     sp.add_argument(
+        "--expiry-warn",
+        help="expiry warning thresholds for leaf, intermediate and roots, e.g. 25%% or 25%%,root=365d "
+        "(default 25%%; as the server's --expiry-warn)",
+    )
+    sp.add_argument(
         "--unsafe-service-target",
         action="store_true",
         default=None,
@@ -147,5 +152,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         "unsafe_route_listen": args.unsafe_route_listen,
         "unsafe_classical_groups": args.unsafe_classical_groups,
         "mux": args.mux,
+        "expiry_warn": args.expiry_warn,
     }
     return daemon.run(args.data_dir, args.join, args.config, overrides)
