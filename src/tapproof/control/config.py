@@ -54,8 +54,9 @@ class ServerConfig:
             parse_hostport(self.metrics, what="--metrics", allow_zero=True)
         check_name(self.name, what="--name")
         parse_warn(self.expiry_warn)
-        if not dt.timedelta(minutes=10) <= self.intermediate_ttl <= dt.timedelta(days=3650):
-            raise ConfigError("--intermediate-ttl: must be between 10m and 3650d")
+        # 1m is for tests (rotation at half-life = 30 s); production keeps the 90d default
+        if not dt.timedelta(minutes=1) <= self.intermediate_ttl <= dt.timedelta(days=3650):
+            raise ConfigError("--intermediate-ttl: must be between 1m and 3650d")
         if not dt.timedelta(minutes=1) <= self.leaf_ttl <= dt.timedelta(days=30):
             raise ConfigError("--leaf-ttl: must be between 1m and 30d")
         if not (self.db.startswith("sqlite:///") or self.db.startswith("postgresql://")):
