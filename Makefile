@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test test-fast bench lint fuzz soak soak-run clean
+.PHONY: venv scanners demo test test-fast bench lint fuzz soak soak-run clean
 
 venv: $(STAMP)
 
@@ -14,11 +14,22 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	@touch $(STAMP)
 
+# sslyze pins cryptography<47 and tapproof needs >=50: the scanner gets its own venv (tests/scanners).
+SCAN_VENV  ?= .venv-scan
+SCAN_STAMP := $(SCAN_VENV)/.installed
+
+scanners: $(SCAN_STAMP)
+
+$(SCAN_STAMP):
+	@test -x $(SCAN_VENV)/bin/python || $(PYTHON) -m venv $(SCAN_VENV)
+	$(SCAN_VENV)/bin/python -m pip install --quiet 'sslyze>=6.3,<7'
+	@touch $(SCAN_STAMP)
+
 demo: venv
 	$(BIN)/tapproof demo $(DEMO_ARGS)
 
 # TAPPROOF_FULL=1 turns every "skipped: needs root/PostgreSQL/tcpdump" into a failure.
-test: venv
+test: venv scanners
 	$(BIN)/python -m pytest -m "not soak" $(PYTEST_ARGS)
 
 test-fast: venv
@@ -45,4 +56,4 @@ soak-run: venv
 	$(BIN)/python -m soak --duration $(DURATION) $(SOAK_ARGS)
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(SCAN_VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
