@@ -58,6 +58,11 @@ def _admin(srv: ServerProc) -> APIClient:
     return admin.admin_client(srv.data_dir, SystemClock(), server=srv.address)
 
 
+def _token(srv: ServerProc, host: str) -> str:
+    """A join string from ``srv`` through the admin API (the CLI path is tested once, above)."""
+    return str(_admin(srv).post("/v1/tokens", {"host": host})["join"])
+
+
 def _via(join: str, server: str) -> str:
     """The same join string, pointing at one server only."""
     js = parse(join)
@@ -98,16 +103,16 @@ def test_data_dir_remembers_the_postgres_url(cluster: list[ServerProc], pg_serve
 def test_join_strings_list_every_server_and_agents_keep_the_list(cluster: list[ServerProc], tmp_path: Path) -> None:
     addresses = {s.address for s in cluster}
     for srv in cluster:
-        js = parse(srv.token(f"listed-{srv.address.rsplit(':', 1)[1]}"))
+        js = parse(_token(srv, f"listed-{srv.address.rsplit(':', 1)[1]}"))
         assert set(js.servers) == addresses
         assert js.servers[0] == srv.address  # the server asked comes first
-    enroll(tmp_path / "a", _via(cluster[1].token("keeper"), cluster[1].address))
+    enroll(tmp_path / "a", _via(_token(cluster[1], "keeper"), cluster[1].address))
     assert set(load_identity(AgentPaths(tmp_path / "a")).servers) == addresses
 
 
 @pg
 def test_one_token_redeemed_through_both_servers_succeeds_once(cluster: list[ServerProc], tmp_path: Path) -> None:
-    join = cluster[0].token("race-two")
+    join = _token(cluster[0], "race-two")
     joins = [_via(join, s.address) for s in cluster]
     n = 60
     results = _race(n, lambda i: enroll(tmp_path / f"a{i}", joins[i % 2]))
@@ -123,8 +128,7 @@ def test_one_token_redeemed_through_both_servers_succeeds_once(cluster: list[Ser
 @pg
 def test_serials_never_collide_under_concurrent_issuance(cluster: list[ServerProc], tmp_path: Path) -> None:
     n = 40
-    joins = [_via(_admin(cluster[0]).post("/v1/tokens", {"host": f"burst-{i}"})["join"], cluster[i % 2].address)
-             for i in range(n)]  # fmt: skip
+    joins = [_via(_token(cluster[0], f"burst-{i}"), cluster[i % 2].address) for i in range(n)]
     enrolled = _race(n, lambda i: enroll(tmp_path / f"h{i}", joins[i]))
     assert all(isinstance(c, Credentials) for c in enrolled), enrolled
 
@@ -202,10 +206,10 @@ def test_postgres_outage_answers_503_keeps_tunnels_and_recovers_without_restarts
     try:
         fast = ("--renew-fraction", "0.1")  # renew every ~6 s: several renewals fall into the outage
         b = procs.start_agent(
-            tmp_path / "b", cluster[0].token("out-b"), "--service", f"echo=127.0.0.1:{echo.port}", *fast
+            tmp_path / "b", _token(cluster[0], "out-b"), "--service", f"echo=127.0.0.1:{echo.port}", *fast
         )
         agents.append(b)
-        a = procs.start_agent(tmp_path / "a", cluster[1].token("out-a"), "--route", "127.0.0.1:0=echo@out-b", *fast)
+        a = procs.start_agent(tmp_path / "a", _token(cluster[1], "out-a"), "--route", "127.0.0.1:0=echo@out-b", *fast)
         agents.append(a)
         procs.wait_for(lambda: "out-b" in a.status()["registry_hosts"], 20, "a to learn b")
         for agent in agents:
@@ -296,7 +300,7 @@ def test_sqlite_file_unusable_answers_503_recovers_and_agents_learn_new_servers(
         # a server added after the agent enrolled: the agent learns it, keeps it, and fails over to it
         peer = procs.start_peer_server(srv, tmp_path / "peer")
         try:
-            procs.wait_for(lambda: peer.address in (tmp_path / "a" / "agent.toml").read_text(), 20, "the new server")
+            procs.wait_for(lambda: peer.address in (tmp_path / "a" / "agent.toml").read_text(), 60, "the new server")
             assert agent.events("servers-updated")
             srv.kill()
             renewed = _renewed(agent)
