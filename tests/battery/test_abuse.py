@@ -37,8 +37,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tapproof.control import api
+from tapproof.control import api, tlsctx
 from tapproof.errors import PeerRejected, TransportError
+from tapproof.pki import keys
 from tapproof.pki.ca import load_ca
 from tapproof.tls import context
 from tapproof.tls.credentials import Credentials
@@ -268,8 +269,12 @@ def test_a_huge_client_hello_is_refused(bed: loadkit.Bed, size: int, allowed: se
 
 
 def _api_stream(bed: loadkit.Bed) -> TLSStream:
-    """A TLS connection to the API without a client certificate (what enrollment uses)."""
-    return connect(bed.api, context.client_context(None, load_ca(bed.srv.data_dir, "example.org").bundle), timeout=15)
+    """A TLS connection to the API with a self-signed bootstrap certificate (what enrollment uses)."""
+    ctx = context.client_context(None, load_ca(bed.srv.data_dir, "example.org").bundle)
+    key = keys.generate()
+    ctx.use_certificate(tlsctx.bootstrap_certificate(key))
+    ctx.use_privatekey(key)
+    return connect(bed.api, ctx, timeout=15)
 
 
 def _send_and_read(stream: TLSStream, head: bytes, filler: Callable[[], Iterator[bytes]]) -> str:
