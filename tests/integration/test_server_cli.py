@@ -300,6 +300,7 @@ def test_corrupt_data_dir_and_database(tmp_path: Path) -> None:
     res = tapproof("server", "run", "--data-dir", str(e), "--metrics", "")
     assert res.returncode == 1
     assert res.stderr.startswith("tapproof: error:")
+    assert len(res.stderr.strip().splitlines()) == 1, res.stderr  # one clear error, no JSON log line before it
     assert "Traceback" not in res.stderr
     res = tapproof("server", "run", "--data-dir", str(tmp_path / "nothing"))
     assert res.returncode == 2

@@ -13,7 +13,8 @@
 * Outages: a database that cannot be reached or read raises
   :class:`~tapproof.errors.StoreUnavailable` at once (PostgreSQL: refused or
   ``connect_timeout``; the API answers 503). The gauge ``tapproof_store_up``
-  and one ``store-down``/``store-up`` log line per transition say so. Nothing
+  and one ``store-down``/``store-up`` log line per transition say so (a
+  failure before the first success is the caller's error to report). Nothing
   needs a restart afterwards: PostgreSQL connections are pre-pinged at
   checkout, so the pool drops dead ones and reconnects by itself.
 """
@@ -204,13 +205,22 @@ class _Health:
         self._up: bool | None = None
 
     def mark(self, up: bool, what: str, reason: str) -> None:
-        """Record an outcome; log when it changes the state."""
+        """Record an outcome; log when it changes the state.
+
+        ``store-down`` is logged only when a database that worked in this process
+        stops working. A failure before any transaction succeeded (a server
+        starting on a corrupt file, a one-shot command) is reported once, by the
+        caller that gets the :class:`~tapproof.errors.StoreUnavailable`: the CLI
+        prints one ``tapproof: error:`` line, not a JSON line before it.
+        """
         with self._lock:
-            before, self._up = self._up, up
+            before = self._up
+            if up or before is not None:  # never seen up: stay unknown, so a later success logs no store-up
+                self._up = up
         STORE_UP.set(1 if up else 0)
         if not up:
             STORE_UNAVAILABLE.inc()
-            if before is not False:
+            if before is True:
                 log_event(log, "store-down", level=logging.ERROR, what=what, reason=reason)
         elif before is False:
             log_event(log, "store-up", level=logging.WARNING, what=what)
