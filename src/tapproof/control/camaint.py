@@ -96,13 +96,16 @@ class CAMaintainer:
         cp, inter = self.cp, sel.intermediate
         threshold = self.warn.for_kind("intermediate")
         root_keys = cluster.find_root_keys(self.data_dir, sel.roots)
+        # half-life and warning counted from issuance, not from the backdated not_before (which
+        # would put a short-lived intermediate past half its life the moment it is signed)
+        issued = max(inter.not_before, min(inter.created_at, inter.not_after))
         plan = rotation.intermediate_action(
             now=now,
-            not_before=inter.not_before,
+            not_before=issued,
             not_after=inter.not_after,
             root_key_here=sel.active in root_keys,
             request_pending=sel.request_pending,
-            warn_reached=threshold.reached(inter.not_before, inter.not_after, now),
+            warn_reached=threshold.reached(issued, inter.not_after, now),
         )
         if plan.action in ("sign-now", "request"):
             cluster.request(self.data_dir, cp.store, cp.config.name, now, _algorithm(sel))
