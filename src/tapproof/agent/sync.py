@@ -12,9 +12,10 @@ loop fills.
 * A new certificate or trust bundle is swapped in atomically
   (:class:`~tapproof.agent.credstore.CredStore`); live tunnels keep theirs.
 * A revocation stops the live tunnels of the revoked peer at once.
-* Control plane unreachable: keep serving on the current certificate and the
-  cached policy/registry; ``tapproof_agent_control_plane_up`` is 0 and one
-  line is logged per transition.
+* Control plane unreachable (or answering 503): keep serving on the current
+  certificate and the cached policy/registry; ``tapproof_agent_control_plane_up``
+  is 0 and one line is logged per transition; polls back off (:func:`poll_wait`).
+  Every poll interval carries +-10 % jitter, so a fleet does not poll in step.
 * ``tapproof_agent_certificate_expiry_seconds`` is updated every round; a
   warning is logged (at most every 30 s) once the leaf threshold of
   ``--expiry-warn`` is crossed (default: a quarter of the lifetime left),
@@ -56,13 +57,27 @@ from tapproof.units import format_hostport, parse_hostport
 
 log = logging.getLogger(__name__)
 
-__all__ = ["REGISTER_EVERY", "SyncLoop"]
+__all__ = ["REGISTER_EVERY", "SyncLoop", "poll_wait"]
 
 MAX_SERVERS = 16
 """At most this many control-plane addresses are kept from the server's list."""
 
 REGISTER_EVERY = 60.0
 """Seconds between re-registrations (the server also learns liveness from them)."""
+
+
+POLL_BACKOFF_MAX = 30.0
+"""While no server answers, polls back off (doubling) to at most this, or 8 sync intervals if that is less."""
+
+
+def poll_wait(interval: float, down_rounds: int) -> float:
+    """Seconds to the next poll: the interval, doubled per failed round up to the cap, with +-10 % jitter.
+
+    The jitter spreads a fleet's polls (and its return after an outage) over time.
+    """
+    cap = max(interval, min(POLL_BACKOFF_MAX, 8 * interval))
+    base = min(cap, interval * 2.0 ** min(down_rounds, 10))
+    return base * random.uniform(0.9, 1.1)  # noqa: S311 - jitter, not a secret
 
 
 class SyncLoop:
@@ -77,6 +92,7 @@ class SyncLoop:
         self._register_needed = True
         self._next_renew_try = 0.0
         self._backoff = 0.0
+        self._down_rounds = 0  # consecutive rounds without an answer: the poll interval backs off
         self._last_warn = 0.0
         self._was_up: bool | None = None
         self._active = ""  # the root the server issues under (from /v1/bundle)
@@ -103,7 +119,7 @@ class SyncLoop:
                 self.sync_once()
             except Exception:  # never let a bug stop renewals; logged with its traceback
                 log.exception("sync-round-crashed", extra={"event": "sync-round-crashed"})
-            wait = rt.config.sync_interval
+            wait = poll_wait(rt.config.sync_interval, self._down_rounds)
             if self._next_renew_try:
                 wait = max(0.05, min(wait, self._next_renew_try - time.monotonic()))
             self._wake.wait(wait)
@@ -192,6 +208,7 @@ class SyncLoop:
         log_event(log, "servers-updated", servers=list(servers))
 
     def _set_up(self, up: bool, exc: Exception | None) -> None:
+        self._down_rounds = 0 if up else self._down_rounds + 1
         CONTROL_PLANE_UP.set(1 if up else 0)
         if up != self._was_up:
             if up:
