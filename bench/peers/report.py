@@ -146,7 +146,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"load average at start {' / '.join(f'{x:.2f}' for x in m['loadavg_start'])}" + ".",
         "",
     ]
-    lines += [f"**Note:** {n}" for n in meta.get("notes", [])]
+    for n in meta.get("notes", []):
+        lines += [f"**Note:** {n}.", ""]
     steps = meta["config"]["idle_steps"]
     titles = [t.replace("{1}", str(steps[0])).replace("{2}", str(steps[-1])) for _k, t, _u, _h in METRICS]
     head = (
