@@ -56,7 +56,7 @@ from tapproof.pki.certs import serial_hex
 from tapproof.tls.context import MUX_ALPN
 from tapproof.tls.peer import check_peer, peer_leaf
 from tapproof.tls.sessions import was_resumed
-from tapproof.tls.stream import TLSStream
+from tapproof.tls.stream import TLSStream, set_liveness
 from tapproof.tunnel import preamble
 from tapproof.tunnel.relay import Relay
 from tapproof.units import format_hostport
@@ -132,6 +132,7 @@ class InboundHandler:
         material = rt.creds.current
         with contextlib.suppress(OSError):
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        set_liveness(conn)  # a silent partition ends the tunnel within USER_TIMEOUT
         stream = TLSStream.server(material.server_ctx, conn)
         take_verify_error()
         try:

@@ -160,6 +160,35 @@ def _describe(exc: Exception) -> str:
 
 SO_MARK = getattr(socket, "SO_MARK", 36)  # Linux; the constant is missing from some Pythons
 
+KEEPALIVE_IDLE = 10
+"""Seconds of silence on a tunnel socket before the kernel sends the first TCP keepalive probe."""
+KEEPALIVE_INTERVAL = 5
+"""Seconds between keepalive probes."""
+USER_TIMEOUT = 20
+"""Seconds a tunnel socket may go without an ACK for data it sent, or without an answer to a
+keepalive probe, before the kernel aborts it (``TCP_USER_TIMEOUT``): the bound within which a
+silent partition (packets dropped, no RST) ends a tunnel, idle or busy, instead of the kernel's
+~15 minutes of retransmissions (busy) or never (idle, until ``--idle-timeout``)."""
+
+
+def set_liveness(sock: socket.socket) -> None:
+    """TCP keepalive plus ``TCP_USER_TIMEOUT`` on a tunnel socket: a dead peer is found within
+    :data:`USER_TIMEOUT` (+ one probe interval), whether the tunnel is idle or sending.
+
+    Best effort: a platform without these options keeps the kernel's defaults.
+    """
+    opts = (
+        (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPIDLE", None), KEEPALIVE_IDLE),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPINTVL", None), KEEPALIVE_INTERVAL),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPCNT", None), USER_TIMEOUT // KEEPALIVE_INTERVAL),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_USER_TIMEOUT", None), USER_TIMEOUT * 1000),
+    )
+    for level, opt, value in opts:
+        if opt is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(level, opt, value)
+
 
 def connect(
     address: tuple[str, int],
@@ -171,7 +200,8 @@ def connect(
 ) -> TLSStream:
     """Connect TCP + TLS to ``address`` within ``timeout`` seconds (PQ group enforced).
 
-    ``mark`` sets ``SO_MARK`` before connecting, so that transparent mode's
+    The socket gets :func:`set_liveness` (a silent partition ends it within
+    :data:`USER_TIMEOUT`). ``mark`` sets ``SO_MARK`` before connecting, so that transparent mode's
     redirect rules let the agent's own connections through instead of looping.
     ``prepare`` is called with the ``SSL.Connection`` before the handshake (e.g. to
     offer a stored session, :class:`tapproof.tls.sessions.SessionStore`).
@@ -189,6 +219,7 @@ def connect(
         sock.settimeout(timeout)
         sock.connect(sockaddr)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        set_liveness(sock)
     except OSError as exc:
         sock.close()
         raise TransportError(f"cannot connect to {where}: {exc.strerror or exc}") from exc
