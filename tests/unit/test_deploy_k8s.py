@@ -85,14 +85,60 @@ def test_server_matches_the_cli() -> None:
     migrate = parser.parse_args(by_name["migrate"]["command"][1:])
     assert (migrate.command, migrate.server_command) == ("server", "migrate")
     assert migrate.data_dir == ns.data_dir == Path("/data")
-    for c in (server, by_name["migrate"]):
+    for c in (server, by_name["migrate"], by_name["join-cluster"]):
         for key in env(c):
-            assert key.removeprefix("TAPPROOF_").lower() in server_config._KEYS, key
+            assert key.startswith("TAPPROOF_"), key
+            assert key.removeprefix("TAPPROOF_").lower() in (*server_config._KEYS, *server_config._CA_KEYS), key
     svc = find("Service", "tapproof-server")
     assert {p["port"]: p["targetPort"] for p in svc["spec"]["ports"]} == {7443: "api", 7446: "metrics"}
     assert svc["spec"]["selector"] == dep["spec"]["template"]["metadata"]["labels"]
     assert server["livenessProbe"]["tcpSocket"]["port"] == "api"
     assert server["readinessProbe"]["httpGet"]["port"] == "metrics"
+
+
+def _script_argv(container: dict[str, Any], parser: Any) -> dict[str, Any]:
+    """Every ``tapproof ...`` line of a container's shell script, parsed by the real CLI, by subcommand."""
+    env_values = {
+        "$TAPPROOF_TRUST_DOMAIN": "example.org",
+        "$TAPPROOF_DB": "postgresql://db/x",
+        "$TAPPROOF_NAME": "pod-1",
+    }
+    out = {}
+    for line in container["command"][-1].splitlines():
+        if line.strip().startswith("tapproof "):
+            argv = [env_values.get(a, a) for a in shlex.split(line)[1:]]
+            ns = parser.parse_args(argv)
+            out[" ".join(argv[:3] if argv[1] == "ca" else argv[:2])] = ns
+    return out
+
+
+def test_server_replicas_join_the_cluster_with_their_own_intermediate() -> None:
+    """No shared CA data dir: each pod joins under its own name; with the root key Secret it signs itself."""
+    dep = find("Deployment", "tapproof-server")
+    parser = build_parser()
+    spec = dep["spec"]["template"]["spec"]
+    init = spec["initContainers"]
+    assert [c["name"] for c in init] == ["join-cluster", "migrate"]  # join (which migrates) before migrate
+    cmds = _script_argv(init[0], parser)
+    join, sign = cmds["server init"], cmds["server ca sign-intermediate"]
+    assert join.join_cluster is True
+    assert (join.data_dir, join.trust_domain, join.db, join.name) == (
+        Path("/data"),
+        "example.org",
+        "postgresql://db/x",
+        "pod-1",
+    )
+    assert sign.data_dir == Path("/data")
+    script = init[0]["command"][-1]
+    assert "/data/ca/root.key" in script  # the root key stays in the data dir: automatic intermediate rotation
+    name = next(e for e in init[0]["env"] if e["name"] == "TAPPROOF_NAME")
+    assert name["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["data"] == {"name": "data", "emptyDir": {}}
+    assert volumes["root-key"]["secret"] == {"secretName": "tapproof-root", "optional": True, "defaultMode": 0o440}
+    mounts = {m["name"]: m for m in init[0]["volumeMounts"]}
+    assert mounts["root-key"]["readOnly"] is True
+    assert "root-key" not in {m["name"] for m in spec["containers"][0]["volumeMounts"]}
 
 
 def test_server_runs_unprivileged_on_a_read_only_root() -> None:
@@ -183,6 +229,6 @@ def test_secrets_referenced_are_documented() -> None:
                 stack.extend(node.values())
             elif isinstance(node, list):
                 stack.extend(node)
-    assert referenced == {"tapproof-db", "tapproof-server-data", "tapproof-join"}
+    assert referenced == {"tapproof-db", "tapproof-root", "tapproof-join"}
     for name in referenced:
         assert f"kubectl -n tapproof create secret generic {name}" in text, name
