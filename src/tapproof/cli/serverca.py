@@ -80,8 +80,10 @@ def join(cfg: server_config.ServerConfig, store: Store, algorithm: keys.Algorith
         raise ConfigError("--join-cluster: the database has no CA yet: run `tapproof server init` without it first")
     if td != cfg.trust_domain:
         raise ConfigError(f"--trust-domain: the cluster's trust domain is {td}, not {cfg.trust_domain}")
-    if any(i.server == cfg.name for i in store.list_intermediates()) or any(
-        s.name == cfg.name for s in store.list_ca_servers()
+    if (
+        any(i.server == cfg.name for i in store.list_intermediates())
+        or any(s.name == cfg.name for s in store.list_ca_servers())
+        or any(r.server == cfg.name for r in store.list_ca_requests())  # joined, not signed yet
     ):
         raise ConfigError(f"--name: a server called {cfg.name!r} already exists in this database; pick another")
     req = cluster.request(cfg.data_dir, store, cfg.name, now, algorithm)
