@@ -52,7 +52,9 @@ class UTCDateTime(sa.types.TypeDecorator[dt.datetime]):
         if value is None:
             return None
         if isinstance(value, str):
-            return dt.datetime.strptime(value, _SQLITE_FORMAT).replace(tzinfo=dt.UTC)
+            # fromisoformat is ~30x faster than strptime (it dominated listing 10,000 hosts); the text is ours
+            parsed = dt.datetime.fromisoformat(value)
+            return parsed.replace(tzinfo=dt.UTC) if parsed.tzinfo is None else parsed.astimezone(dt.UTC)
         if not isinstance(value, dt.datetime):  # pragma: no cover - a driver surprise
             raise TypeError(f"unexpected timestamp value {value!r}")
         if value.tzinfo is None:  # pragma: no cover - timestamptz is always aware
