@@ -318,7 +318,7 @@ def _drive(
             "deadline": deadline,
             "concurrency": args.concurrency,
             "hosts": [(i, secrets[i]) for i in range(w, n, args.workers)],
-            "poll_hosts": -(-poll_hosts // args.workers),
+            "poll_hosts": poll_hosts // args.workers + (1 if w < poll_hosts % args.workers else 0),
         }
         for w in range(args.workers)
     ]
