@@ -206,12 +206,10 @@ def run_partition(s: Setup, duration: float, tmp: Path) -> dict[str, float]:
         assert idle_service.error, "the idle tunnel's service saw no error"
         assert not idle_service.clean_eof
         assert check_transfer(long_client, long_service) == "error"
-        assert long_client.error, "the stream's client saw no error"
-        assert not long_client.clean_eof
+        assert long_client.error, "the stream's client saw no error"  # (recv may then read 0: the reset was reported)
         assert long_service.error, "the stream's service saw no error"
-        assert not long_service.clean_eof
         for _t0, _t1, e in tries:  # every try: the whole echo back, byte-exact, or an error (never a short success)
-            if e.clean_eof:
+            if e.clean_eof and e.error is None:
                 assert e.received == e.sent == 64 << 10, "short echo"
                 assert e.digest()[0] == e.digest()[1], "altered echo"
             else:

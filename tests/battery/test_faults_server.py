@@ -307,6 +307,7 @@ def test_disk_full_under_server_database(ctx: Ctx, tmp_path: Path) -> None:
                 enroll(tmp_path / "late", late)
             assert (ei.value.status, ei.value.code) == (503, "store-unavailable")
             before_free = _serial(paths)
+            assert "database or disk is full" in srv.log(), "the server logged no reason"
         finally:
             free(ctx.fs)
         creds = procs.wait_for(lambda: _try_renew(paths), 30, "a renewal once space is back", step=0.5)
