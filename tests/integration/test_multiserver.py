@@ -316,7 +316,9 @@ def test_migrate_and_refuse_a_newer_schema(backend: str, request: pytest.Fixture
     pg_server: PgServer | None = request.getfixturevalue("pg_server") if backend == "postgres" else None
     db = pg_server.create_database() if pg_server else f"sqlite:///{tmp_path / 'other.db'}"
     d = tmp_path / "srv"
-    procs.init_server(d)  # its own SQLite; every command below names the other database with --db
+    d.mkdir()
+    # a configuration is all `run` reads before it checks the schema (no CA needed to be refused)
+    procs.server_config.ServerConfig(data_dir=d, trust_domain="example.org", db=db).save()
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
         return tapproof("server", *args, "--data-dir", str(d), "--db", db)
@@ -341,9 +343,7 @@ def test_migrate_and_refuse_a_newer_schema(backend: str, request: pytest.Fixture
         assert res.returncode != 0
         assert f"schema version {SCHEMA_VERSION + 1}, newer than this tapproof knows" in res.stderr, res.stderr
         assert len(res.stderr.strip().splitlines()) == 1  # one clear line, no traceback
-        res = run("migrate")
-        assert res.returncode != 0
-        assert "cannot downgrade" in res.stderr
+        # (migrate refusing to downgrade: tests/store/test_sql.py::test_newer_schema_refused)
     finally:
         if pg_server:
             pg_server.drop_database(db)
