@@ -99,12 +99,8 @@ class APIServer:
     @staticmethod
     def _refuse(stream: TLSStream, source: str, exc: Exception, event: str, verify_errno: int = 0) -> None:
         """Log and count a refused peer, then abort the connection."""
-        if isinstance(exc, PeerRejected):
-            reason = tlsctx.handshake_reason(exc, verify_errno)
-        elif isinstance(exc, StoreError):
-            reason = "revocations-unavailable"  # cannot check revocations: fail closed
-        else:
-            reason = "transport"
+        # (a database outage is not a refusal: the peer gets 503s, see _serve_one)
+        reason = tlsctx.handshake_reason(exc, verify_errno) if isinstance(exc, PeerRejected) else "transport"
         HANDSHAKE_FAILED.labels(reason).inc()
         log_event(log, event, level=logging.WARNING, reason=reason, source=source, detail=str(exc))
         stream.abort()
