@@ -28,17 +28,15 @@ import time
 from typing import Any
 
 from tapproof.agent import events
-from tapproof.agent.credstore import Material, take_verify_error
+from tapproof.agent.credstore import Material
 from tapproof.agent.metrics import HANDSHAKE_SECONDS, HANDSHAKES, MUX_CONNECTIONS, MUX_STREAMS
 from tapproof.agent.muxstreams import StreamLog, next_mux_id
+from tapproof.agent.peerdial import CONNECT_TIMEOUT, DialRefused, dial_peer
 from tapproof.agent.runtime import Runtime
 from tapproof.agent.tunnels import MuxPeer
-from tapproof.errors import PeerRejected, TransportError
 from tapproof.identity import host_id
-from tapproof.pki.certs import serial_hex
 from tapproof.tls.context import MUX_ALPN
-from tapproof.tls.peer import check_peer, peer_leaf
-from tapproof.tls.stream import TLSStream, connect
+from tapproof.tls.stream import TLSStream
 from tapproof.tunnel.muxloop import MuxLoop, run_in_thread
 
 log = logging.getLogger(__name__)
@@ -48,7 +46,6 @@ __all__ = ["IDLE_CLOSE", "NO_MUX_RETRY", "POOL_SIZE", "MuxPool"]
 POOL_SIZE = 2
 IDLE_CLOSE = 30.0
 NO_MUX_RETRY = 300.0
-CONNECT_TIMEOUT = 10.0
 DIRECTION = "outbound"
 
 
@@ -122,7 +119,7 @@ class MuxPool:
         client: _Client | None = None
         try:
             client = self._connect(rt, host, material, fields)
-        except _Refused as exc:
+        except DialRefused as exc:
             with self._lock:
                 peer.connecting -= 1
                 self._changed.notify_all()
@@ -181,35 +178,9 @@ class MuxPool:
         start = time.monotonic()
         addr = rt.registry.advertise(host)
         if addr is None:
-            raise _Refused("unknown-host", "")
-        expected = host_id(rt.trust_domain, host)
-        take_verify_error()
-        try:
-            stream = connect(
-                addr,
-                material.client_ctx,
-                timeout=CONNECT_TIMEOUT,
-                mark=rt.mark,
-                prepare=lambda conn: conn.set_alpn_protos([MUX_ALPN]),
-            )
-        except PeerRejected as exc:
-            raise _Refused(events.handshake_reason(exc, take_verify_error()), exc.detail) from None
-        except TransportError as exc:
-            raise _Refused("connect-failed", str(exc)) from None
-        try:
-            check_peer(
-                stream,
-                trust_domain=rt.trust_domain,
-                now=rt.now(),
-                usage="server",
-                revoked=rt.policy.revoked_serials,
-                accept=lambda s: s == expected,
-            )
-        except PeerRejected as exc:
-            stream.abort()
-            raise _Refused(exc.reason.value, exc.detail) from None
-        leaf = peer_leaf(stream)
-        serial = serial_hex(leaf) if leaf is not None else ""
+            raise DialRefused("unknown-host", "")
+        dialed = dial_peer(rt, host, addr, material, prepare=lambda conn: conn.set_alpn_protos([MUX_ALPN]))
+        stream, leaf, serial = dialed.stream, dialed.leaf, dialed.serial
         HANDSHAKE_SECONDS.labels(DIRECTION).observe(time.monotonic() - start)
         HANDSHAKES.labels(DIRECTION, "full").inc()
         if stream.conn.get_alpn_proto_negotiated() != MUX_ALPN:
@@ -269,10 +240,3 @@ class MuxPool:
 
         run_in_thread(loop, f"mux-{host}-{mux_id}", after)
         return client
-
-
-class _Refused(Exception):
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(detail)
-        self.reason = reason
-        self.detail = detail

@@ -27,17 +27,13 @@ from collections.abc import Callable
 
 from tapproof.agent import events
 from tapproof.agent.config import Route
-from tapproof.agent.credstore import take_verify_error
 from tapproof.agent.inbound import is_own_address
 from tapproof.agent.metrics import HANDSHAKE_SECONDS, HANDSHAKES
 from tapproof.agent.muxpool import MuxPool
+from tapproof.agent.peerdial import CONNECT_TIMEOUT, DialRefused, dial_peer
 from tapproof.agent.runtime import Runtime
-from tapproof.errors import PeerRejected, ProtocolError, TapproofError, TransportError
+from tapproof.errors import ProtocolError, TapproofError, TransportError
 from tapproof.identity import host_id
-from tapproof.pki.certs import serial_hex
-from tapproof.tls.peer import check_peer, peer_leaf
-from tapproof.tls.sessions import was_resumed
-from tapproof.tls.stream import connect
 from tapproof.tunnel import preamble
 from tapproof.tunnel.relay import Relay
 from tapproof.units import format_hostport
@@ -46,7 +42,6 @@ log = logging.getLogger(__name__)
 
 __all__ = ["CONNECT_TIMEOUT", "RouteHandler", "TransparentHandler", "open_tunnel"]
 
-CONNECT_TIMEOUT = 10.0
 DIRECTION = "outbound"
 
 
@@ -75,47 +70,17 @@ def open_tunnel(rt: Runtime, app: socket.socket, app_addr: tuple[str, int], host
     if rt.config.mux and _pool(rt).open(rt, app, host, target, _source_header(app_addr), {**fields, "source": source}):
         return  # carried as a stream of a pooled mux connection (or refused, logged); False: peer has no mux
     material = rt.creds.current
-    expected = host_id(rt.trust_domain, host)
-    take_verify_error()
     sessions = rt.sessions
     peer_key = (host, addr)
     try:
-        stream = connect(
-            addr,
-            material.client_ctx,
-            timeout=CONNECT_TIMEOUT,
-            mark=rt.mark,
-            prepare=lambda conn: sessions.offer(conn, material, peer_key),
-        )
-    except PeerRejected as exc:
+        dialed = dial_peer(rt, host, addr, material, prepare=lambda conn: sessions.offer(conn, material, peer_key))
+    except DialRefused as exc:
         sessions.forget(material, peer_key)
         _reset(app)
-        events.refused(DIRECTION, events.handshake_reason(exc, take_verify_error()), detail=exc.detail, **fields)
+        resumed_field = {} if exc.resumed is None else {"resumed": exc.resumed}
+        events.refused(DIRECTION, exc.reason, detail=exc.detail, **resumed_field, **fields)
         return
-    except TransportError as exc:
-        sessions.forget(material, peer_key)
-        _reset(app)
-        events.refused(DIRECTION, "connect-failed", detail=str(exc), **fields)
-        return
-    resumed = was_resumed(stream.conn)
-    try:
-        # every connection, resumed or not: identity, expiry, revocation
-        check_peer(
-            stream,
-            trust_domain=rt.trust_domain,
-            now=rt.now(),
-            usage="server",
-            revoked=rt.policy.revoked_serials,
-            accept=lambda s: s == expected,
-        )
-        leaf = peer_leaf(stream)
-        serial = serial_hex(leaf) if leaf is not None else ""
-    except PeerRejected as exc:
-        sessions.forget(material, peer_key)
-        stream.abort()
-        _reset(app)
-        events.refused(DIRECTION, exc.reason.value, detail=exc.detail, resumed=resumed, **fields)
-        return
+    stream, serial, resumed = dialed.stream, dialed.serial, dialed.resumed
     HANDSHAKE_SECONDS.labels(DIRECTION).observe(time.monotonic() - start)
     HANDSHAKES.labels(DIRECTION, "resumed" if resumed else "full").inc()
     fields["group"] = stream.group
