@@ -34,7 +34,7 @@ from tapproof.logs import log_event
 from tapproof.pki.certs import BACKDATE
 from tapproof.units import format_duration
 
-__all__ = ["DEFAULT_MAX_SKEW", "Skew", "check", "measure", "observe", "refused"]
+__all__ = ["DEFAULT_MAX_SKEW", "Skew", "check", "enforce", "measure", "observe", "refused"]
 
 log = logging.getLogger(__name__)
 SKEW = Gauge("tapproof_agent_clock_skew_seconds", "Our clock minus the control plane's, at the last issuance")
@@ -124,3 +124,13 @@ def refused(exc: ClockSkewError, *, at: str) -> None:
         log, "clock-skew", level=logging.ERROR, reason=exc.reason, at=at, skew_seconds=round(exc.skew_seconds, 1),
         detail=str(exc),
     )  # fmt: skip
+
+
+def enforce(skew: Skew | None, limit: dt.timedelta, *, at: str) -> None:
+    """Observe ``skew``, then :func:`check` it; a refusal is logged and counted (:func:`refused`) and re-raised."""
+    observe(skew)
+    try:
+        check(skew, limit, when=at)
+    except ClockSkewError as exc:
+        refused(exc, at=at)
+        raise

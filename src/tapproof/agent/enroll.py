@@ -26,7 +26,7 @@ from tapproof.agent import clockskew
 from tapproof.agent.state import AgentIdentity, AgentPaths, save_credentials
 from tapproof.control import joinstring, tlsctx
 from tapproof.control.client import date_probe, pinned_call
-from tapproof.errors import ClockSkewError, ConfigError, PeerReason, PeerRejected, PKIError, TapproofError
+from tapproof.errors import ConfigError, PeerReason, PeerRejected, PKIError, TapproofError
 from tapproof.logs import log_event
 from tapproof.pki import certs, csr, keys
 from tapproof.pki.verify import check_leaf, verify_chain
@@ -67,9 +67,11 @@ def enroll(
             )
         except TapproofError:
             raise exc from None
-        _skew(clockskew.measure(sent, dt.datetime.now(dt.UTC), date), max_clock_skew)
+        clockskew.enforce(clockskew.measure(sent, dt.datetime.now(dt.UTC), date), max_clock_skew, at="enrollment")
         raise
-    _skew(clockskew.measure(sent, dt.datetime.now(dt.UTC), headers.get("date")), max_clock_skew)
+    clockskew.enforce(
+        clockskew.measure(sent, dt.datetime.now(dt.UTC), headers.get("date")), max_clock_skew, at="enrollment"
+    )
     sent = dt.datetime.now(dt.UTC)
     body = {"token": js.secret, "csr": csr.build(key, None).decode()}
     _status, headers, resp = pinned_call(js.servers, js.trust_domain, js.fingerprint, key, "POST", "/v1/enroll", body)
@@ -79,7 +81,11 @@ def enroll(
         bundle = TrustBundle.from_pem(str(resp["bundle"]).encode())
     except (KeyError, TypeError, PKIError) as exc:
         raise PeerRejected(PeerReason.UNTRUSTED, f"server sent an unusable enrollment answer: {exc}") from exc
-    _skew(clockskew.measure(sent, now, headers.get("date"), chain[0].not_valid_before_utc), max_clock_skew)
+    clockskew.enforce(
+        clockskew.measure(sent, now, headers.get("date"), chain[0].not_valid_before_utc),
+        max_clock_skew,
+        at="enrollment",
+    )
     pinned = [r for r in bundle.roots if certs.fingerprint(r) == js.fingerprint]
     if not pinned:
         raise PeerRejected(PeerReason.FINGERPRINT_MISMATCH, "returned trust bundle lacks the pinned root")
@@ -94,15 +100,6 @@ def enroll(
     _write(paths, creds, bundle, AgentIdentity(js.trust_domain, sid.name, servers))
     log_event(log, "enrolled", spiffe_id=str(sid), not_after=creds.not_after, serial=certs.serial_hex(chain[0]))
     return creds
-
-
-def _skew(skew: clockskew.Skew | None, limit: dt.timedelta) -> None:
-    clockskew.observe(skew)
-    try:
-        clockskew.check(skew, limit, when="enrollment")
-    except ClockSkewError as exc:
-        clockskew.refused(exc, at="enrollment")
-        raise
 
 
 def _write(paths: AgentPaths, creds: Credentials, bundle: TrustBundle, ident: AgentIdentity) -> None:

@@ -21,7 +21,7 @@ from tapproof.agent.state import (
     save_credentials,
 )
 from tapproof.control.client import APIClient
-from tapproof.errors import ClockSkewError, PeerReason, PeerRejected, PKIError, TapproofError
+from tapproof.errors import PeerReason, PeerRejected, PKIError, TapproofError
 from tapproof.logs import log_event
 from tapproof.pki import certs, csr, keys
 from tapproof.pki.verify import check_leaf
@@ -69,7 +69,11 @@ def renew(
         bundle = TrustBundle.from_pem(str(resp["bundle"]).encode())
     except (KeyError, TypeError, PKIError) as exc:
         raise PeerRejected(PeerReason.UNTRUSTED, f"server sent an unusable renewal answer: {exc}") from exc
-    _check_skew(clockskew.measure(sent, received, headers.get("date"), chain[0].not_valid_before_utc), max_clock_skew)
+    clockskew.enforce(
+        clockskew.measure(sent, received, headers.get("date"), chain[0].not_valid_before_utc),
+        max_clock_skew,
+        at="renewal",
+    )
     if chain[0].public_key() != key.public_key():
         raise PeerRejected(PeerReason.UNTRUSTED, "renewed certificate is not for our key")
     sid = check_leaf(
@@ -86,19 +90,10 @@ def renew(
     return new
 
 
-def _check_skew(skew: clockskew.Skew | None, limit: dt.timedelta) -> None:
-    clockskew.observe(skew)
-    try:
-        clockskew.check(skew, limit, when="renewal")
-    except ClockSkewError as exc:
-        clockskew.refused(exc, at="renewal")
-        raise
-
-
 def _skew_or(exc: PeerRejected, client: APIClient, sent: dt.datetime, limit: dt.timedelta) -> None:
     """After the server's certificate was refused: raise :class:`ClockSkewError` if our clock is the cause."""
     try:
         date = client.server_date()
     except TapproofError:
         return  # not a clock problem we can show: the caller raises ``exc``
-    _check_skew(clockskew.measure(sent, dt.datetime.now(dt.UTC), date), limit)
+    clockskew.enforce(clockskew.measure(sent, dt.datetime.now(dt.UTC), date), limit, at="renewal")
