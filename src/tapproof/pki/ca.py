@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+from collections.abc import Callable
 from pathlib import Path
 
 from cryptography import x509
@@ -91,6 +92,25 @@ class LocalCA:
 def init_ca(data_dir: Path, trust_domain: str, now: dt.datetime, algorithm: keys.Algorithm = "ecdsa-p256") -> LocalCA:
     """Create root and intermediate in ``data_dir``; refuse to overwrite an existing CA."""
     check_trust_domain(trust_domain)
+    return create_ca(
+        data_dir,
+        trust_domain,
+        now,
+        algorithm,
+        lambda int_key, root, root_key: certs.make_intermediate(
+            int_key, root_key, root, trust_domain, "1", now, INTERMEDIATE_LIFETIME
+        ),
+    )
+
+
+IssueIntermediate = Callable[[keys.PrivateKey, x509.Certificate, keys.PrivateKey], x509.Certificate]
+"""Certifies a new intermediate key: ``(intermediate_key, root, root_key) -> intermediate``."""
+
+
+def create_ca(
+    data_dir: Path, trust_domain: str, now: dt.datetime, algorithm: keys.Algorithm, issue: IssueIntermediate
+) -> LocalCA:
+    """A new root and intermediate (certified by ``issue``) written to ``data_dir``; never over an existing CA."""
     paths = CAPaths(Path(data_dir))
     if any(p.exists() for p in (paths.root_key, paths.root_cert, paths.int_key, paths.int_cert)):
         raise ConfigError(f"--data-dir: {paths.dir} already holds a CA; refusing to overwrite it")
@@ -98,7 +118,7 @@ def init_ca(data_dir: Path, trust_domain: str, now: dt.datetime, algorithm: keys
     root_key = keys.generate(algorithm)
     root = certs.make_root(root_key, trust_domain, now, ROOT_LIFETIME)
     int_key = keys.generate(algorithm)
-    inter = certs.make_intermediate(int_key, root_key, root, trust_domain, "1", now, INTERMEDIATE_LIFETIME)
+    inter = issue(int_key, root, root_key)
     keys.save(root_key, paths.root_key)
     keys.save(int_key, paths.int_key)
     write_atomic(paths.int_cert, certs.to_pem(inter))

@@ -42,7 +42,7 @@ from tapproof.errors import ConfigError, Conflict, NotFound, PKIError
 from tapproof.fsutil import ensure_private_dir, read_bytes, write_atomic
 from tapproof.logs import log_event
 from tapproof.pki import certs, keys
-from tapproof.pki.ca import ROOT_LIFETIME, CAPaths, LocalCA
+from tapproof.pki.ca import ROOT_LIFETIME, CAPaths, LocalCA, create_ca
 from tapproof.store.base import CARequestRecord, IntermediateRecord, Store, TrustRootRecord
 
 log = logging.getLogger(__name__)
@@ -138,21 +138,18 @@ def bootstrap(
     lifetime: dt.timedelta = INTERMEDIATE_LIFETIME,
 ) -> LocalCA:
     """Root + this server's intermediate in ``D/ca``, and both in the store (the root ``active``)."""
-    paths = CAPaths(Path(data_dir))
-    if any(p.exists() for p in (paths.root_key, paths.root_cert, paths.int_key, paths.int_cert)):
-        raise ConfigError(f"--data-dir: {paths.dir} already holds a CA; refusing to overwrite it")
-    ensure_private_dir(paths.dir)
-    root_key = keys.generate(algorithm)
-    root = certs.make_root(root_key, trust_domain, now, ROOT_LIFETIME)
-    int_key = keys.generate(algorithm)
-    inter, rec = sign_for(int_key.public_key(), server, root, root_key, trust_domain, now, lifetime)
-    keys.save(root_key, paths.root_key)
-    keys.save(int_key, paths.int_key)
-    write_atomic(paths.int_cert, certs.to_pem(inter))
-    write_atomic(paths.root_cert, certs.to_pem(root))
-    store.add_trust_root(TrustRootRecord(certs.fingerprint(root), certs.to_pem(root).decode(), "active", now))
-    store.add_intermediate(rec)
-    return LocalCA(trust_domain, root, inter, int_key)
+    ca = create_ca(
+        data_dir,
+        trust_domain,
+        now,
+        algorithm,
+        lambda int_key, root, root_key: sign_for(
+            int_key.public_key(), server, root, root_key, trust_domain, now, lifetime
+        )[0],
+    )
+    store.add_trust_root(TrustRootRecord(certs.fingerprint(ca.root), certs.to_pem(ca.root).decode(), "active", now))
+    store.add_intermediate(_record(server, ca.intermediate, certs.fingerprint(ca.root), now))
+    return ca
 
 
 # --- a server joining (or rotating without the root key) -------------------------------------------
