@@ -68,7 +68,8 @@ def test_enrollment_negotiates_x25519mlkem768(tmp_path: Path) -> None:
         timeout=60,
     ).stdout.split("\n")
     hellos = [line.split("\t") for line in out if line.strip()]
-    assert len(hellos) == 1  # the enrollment
+    # the enrollment: a GET /v1/bundle (clock-skew check, before the secret is sent), then POST /v1/enroll
+    assert len(hellos) == 2, hellos
     for group, version in hellos:
         assert int(group, 0) == 0x11EC, group
         assert int(version, 0) == 0x0304, version
