@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tapproof import identity
+from tapproof.control import tlsctx
 from tapproof.control.config import ServerConfig, default_db
 from tapproof.control.joinstring import parse
 from tapproof.control.service import ControlPlane
@@ -39,10 +40,16 @@ def cp(tmp_path: Path) -> ControlPlane:
     return ControlPlane(store, ca, cfg, clock, ["127.0.0.1:7443"])
 
 
+def _redeem(cp: ControlPlane, secret: str, key: keys.PrivateKey | None = None, sid: identity.SpiffeID | None = None):  # type: ignore[no-untyped-def]
+    """Enroll as the API shell does: the CSR's key is the key proven in the TLS handshake."""
+    key = key or keys.generate()
+    return cp.enroll(secret, csr.build(key, sid).decode(), "test", tls_key=tlsctx.key_der(key.public_key()))
+
+
 def _enroll(cp: ControlPlane, host: str = "web-1"):  # type: ignore[no-untyped-def]
     js = parse(cp.create_token(host, dt.timedelta(minutes=15), "admin"))
     key = keys.generate()
-    return key, cp.enroll(js.secret, csr.build(key, None).decode(), "test")
+    return key, _redeem(cp, js.secret, key)
 
 
 def test_token_carries_fingerprint_and_servers(cp: ControlPlane) -> None:
@@ -68,9 +75,9 @@ def test_enroll_issues_one_hour_spiffe_cert(cp: ControlPlane) -> None:
 
 def test_token_single_use(cp: ControlPlane) -> None:
     js = parse(cp.create_token("web-1", dt.timedelta(minutes=15), "admin"))
-    cp.enroll(js.secret, csr.build(keys.generate(), None).decode(), "t")
+    _redeem(cp, js.secret)
     with pytest.raises(EnrollmentRefused) as ei:
-        cp.enroll(js.secret, csr.build(keys.generate(), None).decode(), "t")
+        _redeem(cp, js.secret)
     assert ei.value.reason is TokenReason.USED
 
 
@@ -78,20 +85,29 @@ def test_token_expired_and_unknown(cp: ControlPlane) -> None:
     js = parse(cp.create_token("web-1", dt.timedelta(minutes=1), "admin"))
     cp.clock.advance(61)  # type: ignore[attr-defined]
     with pytest.raises(EnrollmentRefused) as ei:
-        cp.enroll(js.secret, csr.build(keys.generate(), None).decode(), "t")
+        _redeem(cp, js.secret)
     assert ei.value.reason is TokenReason.EXPIRED
     with pytest.raises(EnrollmentRefused) as ei:
-        cp.enroll("A" * 43, csr.build(keys.generate(), None).decode(), "t")
+        _redeem(cp, "A" * 43)
     assert ei.value.reason is TokenReason.UNKNOWN
 
 
 def test_csr_for_other_identity_refused_and_token_kept(cp: ControlPlane) -> None:
     js = parse(cp.create_token("web-1", dt.timedelta(minutes=15), "admin"))
-    bad = csr.build(keys.generate(), identity.host_id("example.org", "db-1")).decode()
     with pytest.raises(CSRRejected) as ei:
-        cp.enroll(js.secret, bad, "t")
+        _redeem(cp, js.secret, sid=identity.host_id("example.org", "db-1"))
     assert ei.value.reason is CSRReason.IDENTITY_MISMATCH
-    cp.enroll(js.secret, csr.build(keys.generate(), None).decode(), "t")  # token still usable
+    _redeem(cp, js.secret)  # token still usable
+
+
+def test_csr_for_another_key_than_the_tls_one_refused_and_token_kept(cp: ControlPlane) -> None:
+    js = parse(cp.create_token("web-1", dt.timedelta(minutes=15), "admin"))
+    other = tlsctx.key_der(keys.generate().public_key())
+    for tls_key in (other, b""):
+        with pytest.raises(CSRRejected) as ei:
+            cp.enroll(js.secret, csr.build(keys.generate(), None).decode(), "t", tls_key=tls_key)
+        assert ei.value.reason is CSRReason.KEY_MISMATCH
+    _redeem(cp, js.secret)  # token still usable
 
 
 def test_renew_same_identity_new_key(cp: ControlPlane) -> None:

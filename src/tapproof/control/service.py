@@ -149,19 +149,18 @@ class ControlPlane:
         js = JoinString(tuple(self.known_servers()), self.td, self.ca.root_fingerprint, secret)
         return js.encode()
 
-    def enroll(self, secret: str, csr_pem: str, source: str, tls_key: bytes | None = None) -> Issued:
+    def enroll(self, secret: str, csr_pem: str, source: str, *, tls_key: bytes) -> Issued:
         """Redeem a token with a CSR; the identity comes from the token, never the CSR.
 
         ``tls_key`` (SPKI DER) is the key of the certificate the client presented on this
-        TLS connection (the API shell always passes it): the CSR must be for that key, so
+        TLS connection (required: there is no unbound enrollment): the CSR must be for that key, so
         the token is redeemed by whoever proved possession of it in the handshake. Checked
         before the token is looked at: a mismatch spends nothing.
         """
         if not isinstance(secret, str) or not 20 <= len(secret) <= 128:
             ENROLL_REFUSED.labels(TokenReason.UNKNOWN.value).inc()
             raise EnrollmentRefused(TokenReason.UNKNOWN)
-        if tls_key is not None:
-            self._check_bound(csr_pem, tls_key, source)
+        self._check_bound(csr_pem, tls_key, source)
         now = self.clock.now()
         issued: dict[str, Any] = {}
 
