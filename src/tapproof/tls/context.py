@@ -14,9 +14,9 @@ renewal, a rotation or a bundle change forces full handshakes. Tickets live
 :data:`TICKET_LIFETIME` seconds. The peer check (identity, expiry, revocation)
 is the caller's and runs on every connection, resumed or not.
 
-Nothing here can be made weaker by a caller: there is no classical-only
-switch (DESIGN allows one only as an explicit, logged setting; none is
-needed yet). pyOpenSSL has no
+Nothing here can be made weaker by a caller: the one weakening, classical
+groups after the PQ one for scanners, lives apart in :mod:`tapproof.tls.unsafe`
+behind the explicit ``--unsafe-classical-groups`` flag. pyOpenSSL has no
 ``set_groups``, so the group list goes through its cffi binding of
 ``SSL_CTX_set1_curves_list``.
 """
