@@ -103,6 +103,9 @@ def test_retire_waits_for_the_newest_certificate_of_each_identity() -> None:
     stale_server = rotation.Snapshot(T0, roots, servers=[server("s9", "i1", A, A)])
     assert "s9" in rotation.check_retire(stale_server).blockers[0]
     assert "activate first" in rotation.check_retire(rotation.Snapshot(T0, [root(A, "active")])).error
+    # a certificate issued before schema v2 recorded roots (root "") counts as under the old root
+    unrecorded = rotation.Snapshot(T0 + 2 * MIN, roots, certificates=[leaf("05", "web3", "", T0)])
+    assert [b for b in rotation.check_retire(unrecorded).blockers if "web3" in b and "unrecorded" in b]
 
 
 @pytest.mark.parametrize(

@@ -171,10 +171,12 @@ def check_retire(snap: Snapshot) -> Step:
         for s in snap.live_servers()
         if s.root == old.fingerprint
     ]
-    stuck = [c for c in _latest_per_identity(snap.certificates).values() if c.root == old.fingerprint]
+    # root "": issued before schema v2 recorded it (under the only root there was): counted as the old root
+    stuck = [c for c in _latest_per_identity(snap.certificates).values() if c.root in (old.fingerprint, "")]
     for c in sorted(stuck, key=lambda c: c.not_after):
         left = int((c.not_after - snap.now).total_seconds())
-        blockers.append(f"{c.kind} certificate {c.serial[:16]} of {c.spiffe_id} chains to the old root ({left}s left)")
+        to = "the old root" if c.root else "an unrecorded root (issued before schema v2)"
+        blockers.append(f"{c.kind} certificate {c.serial[:16]} of {c.spiffe_id} chains to {to} ({left}s left)")
     return Step(
         {old.fingerprint: "retiring", new.fingerprint: "active"},
         {old.fingerprint: None},
