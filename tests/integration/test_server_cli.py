@@ -277,6 +277,8 @@ def test_openapi_served_and_complete(server: Server, tmp_path: Path) -> None:
         path = pattern.pattern.strip("^$").replace("\\.", ".").replace(r"(\d{1,12})", "{id}")
         assert (method, path) in documented, (method, path)
         assert repo["paths"][path][method.lower()]["x-tapproof-auth"] == auth
+        # every route needs a client certificate (public ones: a bootstrap certificate will do)
+        assert repo["paths"][path][method.lower()]["security"] == [{"mutualTLS": []}], (method, path)
 
 
 def test_init_refuses_to_overwrite(server: Server) -> None:
