@@ -12,7 +12,7 @@ import pytest
 from OpenSSL import SSL
 from OpenSSL._util import lib
 
-from tapproof.errors import PeerRejected, TapproofError
+from tapproof.errors import PeerReason, PeerRejected, TapproofError
 from tapproof.pki.verify import check_leaf
 from tapproof.tls import context
 from tapproof.tls.credentials import TrustBundle
@@ -111,6 +111,26 @@ def test_psk_ke_is_never_enabled(pki) -> None:  # type: ignore[no-untyped-def]
     ca, srv, cli = pki
     for ctx in _ctxs(ca, srv, cli):
         assert not lib.SSL_CTX_get_options(ctx._context) & context._OP_ALLOW_NO_DHE_KEX
+
+
+_OP_PREFER_NO_DHE_KEX = 1 << 35  # SSL_OP_PREFER_NO_DHE_KEX (OpenSSL >= 3.3): a server that would pick psk_ke
+
+
+def test_a_psk_ke_resumption_is_refused_as_not_pq(pki) -> None:  # type: ignore[no-untyped-def]
+    """Were psk_ke ever negotiated (both sides allowing it), no key was exchanged: require_pq fails closed.
+
+    (OpenSSL then reports the first session's group, so a group check alone would pass it.)
+    """
+    ca, srv, cli = pki
+    sctx, cctx = _ctxs(ca, srv, cli)
+    for ctx in (sctx, cctx):
+        ctx.set_options(context._OP_ALLOW_NO_DHE_KEX | _OP_PREFER_NO_DHE_KEX)
+    store = SessionStore()
+    first = _connect(sctx, cctx, store, "gen1")  # a full handshake still runs the hybrid exchange
+    assert first.server_group == "X25519MLKEM768"
+    with pytest.raises(PeerRejected) as info:
+        _connect(sctx, cctx, store, "gen1")
+    assert info.value.reason is PeerReason.NOT_PQ
 
 
 def test_renewed_server_certificate_forces_a_full_handshake(pki) -> None:  # type: ignore[no-untyped-def]

@@ -4,9 +4,11 @@ Session resumption (agent tunnels only, ``resumption=``): TLS 1.3 stateless
 tickets, resumed with ``psk_dhe_ke`` ONLY (OpenSSL's default; the
 ``SSL_OP_ALLOW_NO_DHE_KEX`` option that would allow ``psk_ke`` is checked to be
 off), so a resumed handshake still runs a fresh X25519MLKEM768 key exchange
-(forward secrecy, PQ) and :meth:`tapproof.tls.stream.TLSStream.require_pq`
-still checks the group. What resumption skips is the certificate exchange and
-the signatures, i.e. the ECDSA work that dominates a full handshake's CPU. A
+(forward secrecy, PQ). :meth:`tapproof.tls.stream.TLSStream.require_pq` refuses
+a resumed connection that allows psk_ke: after a psk_ke resumption OpenSSL
+reports the original session's group, so the group check alone cannot see it.
+What resumption skips is the certificate exchange and the signatures, i.e.
+the ECDSA work that dominates a full handshake's CPU. A
 ticket is bound to one credential generation: the session id context is a hash
 of our own certificate and of the trust bundle (OpenSSL refuses a session whose
 context differs), and the ticket key is created with each context, so a

@@ -18,10 +18,11 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from OpenSSL import SSL
+from OpenSSL._util import lib as _lib
 
 from tapproof.errors import HandshakeTimeout, PeerReason, PeerRejected, TransportError
 from tapproof.tls import unsafe
-from tapproof.tls.context import PQ_GROUP, negotiated_group
+from tapproof.tls.context import _OP_ALLOW_NO_DHE_KEX, PQ_GROUP, negotiated_group
 
 T = TypeVar("T")
 
@@ -82,6 +83,10 @@ class TLSStream:
         version = self.conn.get_protocol_version_name()
         if version != "TLSv1.3":
             raise PeerRejected(PeerReason.NOT_TLS13, f"negotiated {version}")
+        if _lib.SSL_session_reused(self.conn._ssl) and _lib.SSL_get_options(self.conn._ssl) & _OP_ALLOW_NO_DHE_KEX:
+            # psk_ke resumes without any key exchange, and OpenSSL then reports the ORIGINAL session's
+            # group: the group check below cannot see it. Only a connection allowing psk_ke can get it.
+            raise PeerRejected(PeerReason.NOT_PQ, "resumed on a connection that allows psk_ke (no key exchange)")
         group = negotiated_group(self.conn)
         if group != PQ_GROUP and not (group and unsafe.classical_allowed(self.conn.get_context())):
             raise PeerRejected(PeerReason.NOT_PQ, f"negotiated group {group or 'unknown'}, {PQ_GROUP} required")
