@@ -206,10 +206,17 @@ class MuxLoop:
         self.submit(self._start_drain)
 
     def drain_queue(self) -> None:
-        """After the end (any thread, once nothing can submit any more): run what was still handed in."""
+        """After the end (any thread, once nothing can submit any more): run what was still handed in.
+
+        After the end every queued call is harmless: an open refuses itself, a stop or
+        goaway finds nothing to do. One that raises anyway is a bug: logged, and the
+        rest still run (each may hold an application socket to reset).
+        """
         while self._queue:
-            with contextlib.suppress(Exception):
+            try:
                 self._queue.popleft()()
+            except Exception:
+                log.exception("mux loop: a call handed in after the end failed")
 
     @property
     def stream_count(self) -> int:
@@ -632,18 +639,19 @@ class MuxLoop:
         self.mux.send_goaway()
 
     def _close_clean(self, ssl: Any) -> None:
-        with contextlib.suppress(Exception):
-            _lib.SSL_shutdown(ssl)
+        _lib.SSL_shutdown(ssl)  # best effort (one try, non-blocking): the streams all ended cleanly
         _lib.ERR_clear_error()
 
     def _fail(self, reason: EndReason, detail: str, code: mux.ResetCode) -> None:
+        if self.dead:  # a stop handed in after the end: every stream was already reset and reported
+            return
         for s in list(self._streams.values()):
             if s.open:
                 self._end(s, reason, None, detail, code)
             else:
                 self.mux.send_reset(s.sid, code)
                 self._drop(s, "stopped", None, detail)
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(_Conn):  # best effort: the connection is being failed anyway
             self._flush_tls(self.conn._ssl)
         raise _Conn(reason, detail)
 
@@ -658,10 +666,8 @@ class MuxLoop:
                 s.hooks.ended(self._result(s, EndReason.TLS_ERROR, Side.TLS, f"mux connection ended: {detail}"))
             else:
                 self._drop(s, "mux-connection-lost", None, detail)
-        while self._queue:  # opens handed in after the end: run them, they refuse themselves
-            with contextlib.suppress(Exception):
-                self._queue.popleft()()
-        with contextlib.suppress(Exception):
+        self.drain_queue()  # opens handed in after the end: run them, they refuse themselves
+        with contextlib.suppress(OSError):
             self._sel.close()
         with self._wake_lock:
             os.close(self._wake)
