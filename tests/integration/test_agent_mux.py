@@ -10,6 +10,7 @@ field; revocation and a killed far agent reset every stream.
 from __future__ import annotations
 
 import concurrent.futures
+import re
 import resource
 import socket
 import time
@@ -94,6 +95,7 @@ def test_many_concurrent_streams_carry_bytes_intact_both_ways(fleet: MuxFleet) -
     assert len(closed) >= len(sizes)
     assert all(e["end"] == "clean" for e in closed[-len(sizes) :])
     assert all(e["group"] == "X25519MLKEM768" for e in fleet.a.events("mux-opened"))
+    assert all(re.fullmatch(r"127\.0\.0\.1:\d+", e["address"]) for e in fleet.a.events("mux-opened"))  # host:port
 
 
 def test_half_close_keeps_the_other_direction_open(fleet: MuxFleet) -> None:

@@ -38,6 +38,7 @@ from tapproof.identity import host_id
 from tapproof.tls.context import MUX_ALPN
 from tapproof.tls.stream import TLSStream
 from tapproof.tunnel.muxloop import MuxLoop, run_in_thread
+from tapproof.units import format_hostport
 
 log = logging.getLogger(__name__)
 
@@ -187,10 +188,17 @@ class MuxPool:
             stream.close(time.monotonic() + 1.0)
             log.info("peer %s does not multiplex: classic tunnels for %ss", host, NO_MUX_RETRY)
             return None
-        return self._start(rt, host, stream, material, serial, leaf.not_valid_after_utc if leaf else rt.now())
+        return self._start(rt, host, addr, stream, material, serial, leaf.not_valid_after_utc if leaf else rt.now())
 
     def _start(
-        self, rt: Runtime, host: str, stream: TLSStream, material: Material, serial: str, not_after: dt.datetime
+        self,
+        rt: Runtime,
+        host: str,
+        addr: tuple[str, int],
+        stream: TLSStream,
+        material: Material,
+        serial: str,
+        not_after: dt.datetime,
     ) -> _Client:
         mux_id = next_mux_id()
         conn_fields: dict[str, Any] = {"group": stream.group, "resumed": False, "mux": mux_id}
@@ -214,7 +222,7 @@ class MuxPool:
         entry = MuxPeer(DIRECTION, host, serial, loop, loop.goaway)
         rt.tunnels.add_mux(entry)
         MUX_CONNECTIONS.labels(DIRECTION).inc()
-        peer_fields = {"peer": str(host_id(rt.trust_domain, host)), "address": str(rt.registry.advertise(host))}
+        peer_fields = {"peer": str(host_id(rt.trust_domain, host)), "address": format_hostport(*addr)}
         events.mux_connection(DIRECTION, "opened", **peer_fields, **conn_fields)
 
         def after(done: MuxLoop) -> None:
