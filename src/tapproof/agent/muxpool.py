@@ -154,8 +154,19 @@ class MuxPool:
         source: str | None,
         fields: dict[str, Any],
     ) -> bool:
-        """(pool lock held) Hand ``app`` to ``client``'s loop."""
+        """(pool lock held) Hand ``app`` to ``client``'s loop.
+
+        A connection that already ended (its ``after`` set ``closed`` under this lock
+        and then ran what was queued) never gets a stream: the queue is no longer
+        drained, so the application would hang instead of being reset. This happens
+        when a fresh connection dies before ``open`` adds it to the pool.
+        """
         fields = {**fields, **client.fields}
+        if client.closed:
+            _reset(app)
+            MUX_STREAMS.labels(DIRECTION, "refused").inc()
+            events.refused(DIRECTION, "mux-unavailable", detail="mux connection ended before use", **fields)
+            return True
         hooks = StreamLog(rt.tunnels, DIRECTION, host, client.serial, target, fields)
         if rt.policy.is_revoked(client.serial, host):
             client.loop.stop()
