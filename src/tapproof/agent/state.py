@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import time
@@ -24,8 +25,11 @@ from pathlib import Path
 from tapproof.errors import ConfigError
 from tapproof.fsutil import read_bytes, write_atomic
 from tapproof.identity import check_name, check_trust_domain
+from tapproof.logs import log_event
 from tapproof.pki import certs, keys
 from tapproof.tls.credentials import Credentials, TrustBundle
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,14 +131,18 @@ def save_credentials(paths: AgentPaths, creds: Credentials) -> Path:
         write_atomic(gen / "cert.pem", certs.to_pem(creds.chain), mode=0o644)
         _fsync_dir(gens)
         _symlink_atomic(paths.current, os.path.relpath(gen, paths.root))
-        for name in ("key.pem", "cert.pem"):  # conveniences for other readers; loading goes through current
-            _symlink_atomic(paths.root / name, f"current/{name}")
     except OSError as exc:
         shutil.rmtree(gen, ignore_errors=True)
         raise ConfigError(
             f"--data-dir: cannot write the new key and certificate in {paths.root}: {exc.strerror or exc} "
             "(the current ones are kept)"
         ) from exc
+    # From here on `current` points at the new pair: a failure must never remove it.
+    for name in ("key.pem", "cert.pem"):  # conveniences for other readers; loading goes through current
+        try:
+            _symlink_atomic(paths.root / name, f"current/{name}")
+        except OSError as exc:
+            log_event(log, "credential-link-failed", level=logging.WARNING, link=name, detail=str(exc))
     for old in gens.iterdir():  # older generations: nothing points at them any more
         if old != gen:
             shutil.rmtree(old, ignore_errors=True)
