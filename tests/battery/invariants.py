@@ -48,6 +48,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from tests.integration import procs
+
 SLACK = 5
 """Allowed difference from a baseline count (descriptors, threads, connections)."""
 SETTLE = 30.0
@@ -146,38 +148,22 @@ def stream(
     return end
 
 
-class HashEcho:
-    """A threaded TCP echo service on ``host`` that hashes what it receives and sends, per connection.
+class HashEcho(procs.EchoServer):
+    """:class:`~tests.integration.procs.EchoServer` on ``host`` that hashes what it receives and sends, per connection.
 
     Half-close is honoured (EOF in -> EOF out after the echo is flushed); an
     error (RST) is recorded in the connection's :class:`End`.
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
-        self.sock = socket.create_server((host, port))
-        self.port = int(self.sock.getsockname()[1])
         self.ends: list[End] = []
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="hash-echo", daemon=True)
-        self._thread.start()
+        super().__init__(host, port)
 
-    def _loop(self) -> None:
-        self.sock.settimeout(0.2)
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            end = End()
-            with self._lock:
-                self.ends.append(end)
-            threading.Thread(target=self._echo, args=(conn, end), daemon=True).start()
-
-    @staticmethod
-    def _echo(conn: socket.socket, end: End) -> None:
+    def _serve(self, conn: socket.socket) -> None:
+        end = End()
+        with self._lock:
+            self.ends.append(end)
         buf = bytearray(1 << 18)
         view = memoryview(buf)
         with conn:
@@ -207,12 +193,6 @@ class HashEcho:
                 return ends
             time.sleep(0.05)
         raise AssertionError(f"{count} service-side connections did not end within {timeout}s")
-
-    def close(self) -> None:
-        """Stop accepting."""
-        self._stop.set()
-        self._thread.join(2)
-        self.sock.close()
 
 
 def check_transfer(client: End, service: End, size: int | None = None) -> str:

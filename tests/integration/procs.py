@@ -338,10 +338,13 @@ def start_agent(data_dir: Path, join: str | None, *extra: str, timeout: float = 
 
 # --- tiny services -------------------------------------------------------------------------
 class EchoServer:
-    """A threaded TCP echo service on 127.0.0.1 that honours half-close (EOF in -> EOF out)."""
+    """A threaded TCP echo service (127.0.0.1 by default) that honours half-close (EOF in -> EOF out).
 
-    def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
+    Each accepted connection is served by :meth:`_serve` in its own thread; a subclass overrides it.
+    """
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.sock = socket.create_server((host, port))
         self.port = int(self.sock.getsockname()[1])
         self.connections = 0
         self._stop = threading.Event()
@@ -358,10 +361,9 @@ class EchoServer:
             except OSError:
                 return
             self.connections += 1
-            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
-    @staticmethod
-    def _echo(conn: socket.socket) -> None:
+    def _serve(self, conn: socket.socket) -> None:
         with conn:
             buf = bytearray(1 << 20)
             view = memoryview(buf)
