@@ -68,8 +68,9 @@ def test_kill9_agent_mid_transfer_then_restart(tmp_path: Path) -> None:
             assert check_transfer(client, service) == "error"
             assert service.error is not None, "the peer application saw no error"
             assert not service.clean_eof, "the peer application saw a clean EOF"
+            # the error is what counts: after the sending thread's ECONNRESET the kernel may answer the
+            # receiving thread's next recv() with 0, so clean_eof alone says nothing here (see check_transfer)
             assert client.error is not None, "the client saw no error"
-            assert not client.clean_eof, "the client saw a clean EOF"
             assert KILL_AT <= client.sent < GIB
             assert service.received < GIB
             detect = time.monotonic() - t0
