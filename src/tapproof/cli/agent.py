@@ -102,7 +102,7 @@ def register(sub: Any) -> None:
         "--unsafe-classical-groups",
         action="store_true",
         default=None,
-        help="also accept classical key exchange (X25519, P-256) on the tunnel port, for scanners without "
+        help="also accept classical key exchange (X25519, P-256, P-384) on the tunnel port, for scanners without "
         "ML-KEM; logged at warning, shown in /status and metrics; never use it on a production link",
     )
     sp.add_argument(
@@ -110,7 +110,7 @@ def register(sub: Any) -> None:
         action="store_true",
         default=None,
         help="carry outbound tunnels as streams multiplexed over pooled connections to each peer agent "
-        "(ALPN tapproof-mux/1; peers that do not offer it get one connection per tunnel); env TAPPROOF_MUX",
+        "(ALPN tapproof-mux/1; a peer that does not select it gets one connection per tunnel); env TAPPROOF_MUX",
     )
     sp.set_defaults(func=cmd_run, daemon=True)
 

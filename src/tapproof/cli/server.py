@@ -59,7 +59,7 @@ def register(sub: Any) -> None:
         "--unsafe-classical-groups",
         action="store_true",
         default=None,
-        help="also accept classical key exchange (X25519, P-256) on the API port, for scanners without "
+        help="also accept classical key exchange (X25519, P-256, P-384) on the API port, for scanners without "
         "ML-KEM; logged at warning, shown in status and metrics; never use it in production",
     )
     sp.set_defaults(func=cmd_run, daemon=True)
