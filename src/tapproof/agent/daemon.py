@@ -26,10 +26,10 @@ on different threads use both cores. Its docstring has the measurements
 connection on this project's 2 noisy vCPUs, ~92% of a plaintext Python relay,
 1.7x a two-threads-per-tunnel design). Per-connection setup is kept cheap:
 TLS contexts are built once per credential/bundle generation
-(:mod:`tapproof.agent.credstore`), so a tunnel costs one full mutual
-X25519MLKEM768 handshake (~2.5 ms CPU, no resumption on purpose: every
-connection is checked against the current revocations), one thread start and
-one policy evaluation on immutable snapshots.
+(:mod:`tapproof.agent.credstore`), so a tunnel costs one mutual
+X25519MLKEM768 handshake (resumed when a ticket is at hand, psk_dhe_ke only;
+the peer is checked against the current revocations either way), one thread
+start and one policy evaluation on immutable snapshots.
 """
 
 from __future__ import annotations
