@@ -62,6 +62,8 @@ def test_services_and_routes_parse() -> None:
         ({"surprise": 1}, "surprise"),
         ({"expiry_warn": "150%"}, "--expiry-warn"),
         ({"expiry_warn": "leef=10d"}, "--expiry-warn"),
+        ({"unsafe_classical_groups": 2}, "--unsafe-classical-groups"),
+        ({"unsafe_service_target": ["yes"]}, "--unsafe-service-target"),
     ],
 )
 def test_each_bad_setting_names_its_flag(raw: dict[str, object], flag: str) -> None:

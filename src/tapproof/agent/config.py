@@ -229,7 +229,9 @@ def check(raw: dict[str, Any], *, is_root: bool | None = None) -> AgentConfig:
             if v.lower() not in ("1", "0", "true", "false", "yes", "no", ""):
                 raise ConfigError(f"--{key.replace('_', '-')}: {v!r} is not true or false")
             return v.lower() in ("1", "true", "yes")
-        return bool(v)
+        if not isinstance(v, bool):  # a number or a list must never switch an unsafe flag on
+            raise ConfigError(f"--{key.replace('_', '-')}: {v!r} is not true or false")
+        return v
 
     unsafe_target = flag("unsafe_service_target")
     unsafe_listen = flag("unsafe_route_listen")
