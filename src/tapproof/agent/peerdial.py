@@ -68,6 +68,8 @@ def dial_peer(
     offer, ALPN). A connection whose peer check fails is aborted.
     """
     expected = host_id(rt.trust_domain, host)
+    if host in rt.policy.revoked_hosts:  # check_peer sees revoked serials only
+        raise DialRefused("peer-revoked", f"host {host} is revoked")
     take_verify_error()
     try:
         stream = connect(addr, material.client_ctx, timeout=CONNECT_TIMEOUT, mark=rt.mark, prepare=prepare)
