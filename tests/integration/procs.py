@@ -25,7 +25,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -418,3 +418,51 @@ def echo_roundtrip(addr: tuple[str, int], size: int, timeout: float = 120) -> tu
             received += n
         t.join(timeout)
     return sent_hash.hexdigest(), recv_hash.hexdigest(), received
+
+
+# --- two agents ------------------------------------------------------------------------------
+def refused(agent: AgentProc, reason: str, timeout: float = 10) -> dict[str, Any]:
+    """Wait for ``agent``'s ``tunnel-refused`` line with ``reason``; also require its refusal metric."""
+    ev = wait_for(
+        lambda: next((e for e in agent.events("tunnel-refused") if e.get("reason") == reason), None),
+        timeout,
+        f"a tunnel-refused line with reason {reason}",
+    )
+    assert agent.metric("tapproof_agent_refusals_total", direction=str(ev["direction"]), reason=reason) >= 1
+    return ev  # type: ignore[no-any-return]
+
+
+class AgentPair:
+    """A server, agent ``b`` fronting an :class:`EchoServer` as ``echo`` and ``echo2`` (plus ``b_services``),
+    agent ``a`` (with ``a_args``) holding one route per name in ``routes`` to ``name@b``, in that order."""
+
+    def __init__(
+        self, tmp: Path, routes: Sequence[str], a_args: Sequence[str] = (), b_services: Sequence[str] = ()
+    ) -> None:
+        self.tmp = tmp
+        self.routes = tuple(routes)
+        self.b_services = tuple(b_services)
+        self.echo = EchoServer()
+        self.srv = start_server(tmp / "srv")
+        self.b = self.start_b()
+        route_args = [x for name in self.routes for x in ("--route", f"127.0.0.1:0={name}@b")]
+        self.a = start_agent(tmp / "a", self.srv.token("a"), *a_args, *route_args)
+        wait_for(lambda: "b" in self.a.status()["registry_hosts"], 15, "a to learn b's address")
+
+    def start_b(self, join: bool = True) -> AgentProc:
+        """Start agent ``b`` (enrolling when ``join``, else from its data directory)."""
+        svc = [f"echo=127.0.0.1:{self.echo.port}", f"echo2=127.0.0.1:{self.echo.port}", *self.b_services]
+        return start_agent(
+            self.tmp / "b", self.srv.token("b") if join else None, *(x for s in svc for x in ("--service", s))
+        )
+
+    def route(self, name: str) -> tuple[str, int]:
+        """Agent a's listening address for ``name@b``."""
+        return self.a.route(self.routes.index(name))
+
+    def close(self) -> None:
+        """Stop both agents, the server and the echo service."""
+        for agent in (self.a, self.b):
+            agent.stop()
+        self.srv.stop()
+        self.echo.close()

@@ -26,47 +26,13 @@ pytestmark = pytest.mark.integration
 ROUTES = ("echo", "echo2", "nosuch")
 
 
-class MuxFleet:
-    def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        self.echo = procs.EchoServer()
-        self.srv = procs.start_server(tmp / "srv")
-        self.b = self.start_b()
-        routes = [x for name in ROUTES for x in ("--route", f"127.0.0.1:0={name}@b")]
-        self.a = procs.start_agent(tmp / "a", self.srv.token("a"), "--mux", *routes)
-        procs.wait_for(lambda: "b" in self.a.status()["registry_hosts"], 15, "a to learn b's address")
-
-    def start_b(self, join: bool = True) -> procs.AgentProc:
-        svc = ["--service", f"echo=127.0.0.1:{self.echo.port}", "--service", f"echo2=127.0.0.1:{self.echo.port}"]
-        return procs.start_agent(self.tmp / "b", self.srv.token("b") if join else None, *svc)
-
-    def route(self, name: str) -> tuple[str, int]:
-        return self.a.route(ROUTES.index(name))
-
-    def close(self) -> None:
-        for agent in (self.a, self.b):
-            agent.stop()
-        self.srv.stop()
-        self.echo.close()
-
-
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MuxFleet]:
-    f = MuxFleet(tmp_path_factory.mktemp("mux"))
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[procs.AgentPair]:
+    f = procs.AgentPair(tmp_path_factory.mktemp("mux"), ROUTES, ["--mux"])
     try:
         yield f
     finally:
         f.close()
-
-
-def _refused(agent: procs.AgentProc, reason: str, timeout: float = 10) -> dict[str, object]:
-    ev = procs.wait_for(
-        lambda: next((e for e in agent.events("tunnel-refused") if e.get("reason") == reason), None),
-        timeout,
-        f"a tunnel-refused line with reason {reason}",
-    )
-    assert agent.metric("tapproof_agent_refusals_total", direction=str(ev["direction"]), reason=reason) >= 1
-    return ev  # type: ignore[no-any-return]
 
 
 def _reset_without_data(addr: tuple[str, int]) -> bool:
@@ -80,7 +46,7 @@ def _reset_without_data(addr: tuple[str, int]) -> bool:
         return False
 
 
-def test_many_concurrent_streams_carry_bytes_intact_both_ways(fleet: MuxFleet) -> None:
+def test_many_concurrent_streams_carry_bytes_intact_both_ways(fleet: procs.AgentPair) -> None:
     sizes = [1, 1000, 70_000, 300_000, 2_000_000] * 8
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         results = list(pool.map(lambda n: procs.echo_roundtrip(fleet.route("echo"), n, timeout=60), sizes))
@@ -98,7 +64,7 @@ def test_many_concurrent_streams_carry_bytes_intact_both_ways(fleet: MuxFleet) -
     assert all(re.fullmatch(r"127\.0\.0\.1:\d+", e["address"]) for e in fleet.a.events("mux-opened"))  # host:port
 
 
-def test_half_close_keeps_the_other_direction_open(fleet: MuxFleet) -> None:
+def test_half_close_keeps_the_other_direction_open(fleet: procs.AgentPair) -> None:
     with socket.create_connection(fleet.route("echo"), timeout=15) as s:
         s.sendall(b"x" * 100_000)
         s.shutdown(socket.SHUT_WR)
@@ -108,15 +74,15 @@ def test_half_close_keeps_the_other_direction_open(fleet: MuxFleet) -> None:
     assert bytes(got) == b"x" * 100_000
 
 
-def test_refused_open_resets_the_application(fleet: MuxFleet) -> None:
+def test_refused_open_resets_the_application(fleet: procs.AgentPair) -> None:
     assert _reset_without_data(fleet.route("nosuch"))
-    ev = _refused(fleet.b, "unknown-service")
+    ev = procs.refused(fleet.b, "unknown-service")
     assert ev["status"] == 502
     assert ev["mux"]
-    assert _refused(fleet.a, "remote-unavailable")["mux"]
+    assert procs.refused(fleet.a, "remote-unavailable")["mux"]
 
 
-def test_policy_denies_one_stream_and_not_the_others(fleet: MuxFleet) -> None:
+def test_policy_denies_one_stream_and_not_the_others(fleet: procs.AgentPair) -> None:
     out = fleet.srv.admin("policy", "deny", "--from", "host/a", "--to", "echo2")
     rule = out.split()[1]
     try:
@@ -125,17 +91,17 @@ def test_policy_denies_one_stream_and_not_the_others(fleet: MuxFleet) -> None:
             live.sendall(b"ping")
             assert live.recv(4) == b"ping"
             assert _reset_without_data(fleet.route("echo2"))
-            ev = _refused(fleet.b, "policy-denied")
+            ev = procs.refused(fleet.b, "policy-denied")
             assert ev["peer"] == "spiffe://example.org/host/a"
             assert ev["status"] == 403
-            _refused(fleet.a, "remote-forbidden")
+            procs.refused(fleet.a, "remote-forbidden")
             live.sendall(b"pong")  # the stream on the same connection is not affected
             assert live.recv(4) == b"pong"
     finally:
         fleet.srv.admin("policy", "remove", rule)
 
 
-def test_idle_streams_are_held_cheaply(fleet: MuxFleet) -> None:
+def test_idle_streams_are_held_cheaply(fleet: procs.AgentPair) -> None:
     n = 1000
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4 * n + 256)), hard))
@@ -174,7 +140,7 @@ def test_idle_streams_are_held_cheaply(fleet: MuxFleet) -> None:
     )
 
 
-def test_revocation_closes_the_mux_connections_and_their_streams(fleet: MuxFleet) -> None:
+def test_revocation_closes_the_mux_connections_and_their_streams(fleet: procs.AgentPair) -> None:
     r = procs.start_agent(fleet.tmp / "r", fleet.srv.token("r"), "--mux", "--route", "127.0.0.1:0=echo@b")
     try:
         procs.wait_for(lambda: "b" in r.status()["registry_hosts"], 15, "r to learn b")
@@ -209,7 +175,7 @@ def _open_muxes(agent: procs.AgentProc) -> list[dict[str, object]]:
     return list(opened.values())
 
 
-def test_killing_the_far_agent_resets_every_stream(fleet: MuxFleet) -> None:
+def test_killing_the_far_agent_resets_every_stream(fleet: procs.AgentPair) -> None:
     lives = [socket.create_connection(fleet.route("echo"), timeout=10) for _ in range(5)]
     for live in lives:
         live.sendall(b"ping")

@@ -34,58 +34,16 @@ from tests.integration import procs
 pytestmark = pytest.mark.integration
 
 ROUTES = ("echo", "echo2", "nosuch", "redis")
-
-
-class Fleet:
-    """The module's server, agents and services."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        self.echo = procs.EchoServer()
-        self.redis_port = free_port()
-        self.srv = procs.start_server(tmp / "srv")
-        self.b = procs.start_agent(
-            tmp / "b",
-            self.srv.token("b"),
-            "--service",
-            f"echo=127.0.0.1:{self.echo.port}",
-            "--service",
-            f"echo2=127.0.0.1:{self.echo.port}",
-            "--service",
-            f"redis=127.0.0.1:{self.redis_port}",
-        )
-        routes = [x for name in ROUTES for x in ("--route", f"127.0.0.1:0={name}@b")]
-        self.a = procs.start_agent(tmp / "a", self.srv.token("a"), *routes)
-        procs.wait_for(lambda: "b" in self.a.status()["registry_hosts"], 15, "a to learn b's address")
-
-    def route(self, name: str) -> tuple[str, int]:
-        return self.a.route(ROUTES.index(name))
-
-    def close(self) -> None:
-        for agent in (self.a, self.b):
-            agent.stop()
-        self.srv.stop()
-        self.echo.close()
+REDIS_PORT = free_port()  # b fronts it as "redis"; a test starts redis-server there
 
 
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    f = Fleet(tmp_path_factory.mktemp("fleet"))
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[procs.AgentPair]:
+    f = procs.AgentPair(tmp_path_factory.mktemp("fleet"), ROUTES, b_services=[f"redis=127.0.0.1:{REDIS_PORT}"])
     try:
         yield f
     finally:
         f.close()
-
-
-def _refused(agent: procs.AgentProc, reason: str, timeout: float = 10) -> dict[str, object]:
-    """Wait for a ``tunnel-refused`` line with ``reason``; also require its metric."""
-    ev = procs.wait_for(
-        lambda: next((e for e in agent.events("tunnel-refused") if e.get("reason") == reason), None),
-        timeout,
-        f"a tunnel-refused line with reason {reason}",
-    )
-    assert agent.metric("tapproof_agent_refusals_total", direction=str(ev["direction"]), reason=reason) >= 1
-    return ev  # type: ignore[no-any-return]
 
 
 def _closed_without_data(addr: tuple[str, int]) -> bool:
@@ -100,7 +58,7 @@ def _closed_without_data(addr: tuple[str, int]) -> bool:
 
 # --- data ------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_route_carries_64mib_each_way_intact(fleet: Fleet) -> None:
+def test_route_carries_64mib_each_way_intact(fleet: procs.AgentPair) -> None:
     sent, received, n = procs.echo_roundtrip(fleet.route("echo"), 64 << 20)
     assert n == 64 << 20
     assert sent == received
@@ -116,7 +74,7 @@ def test_route_carries_64mib_each_way_intact(fleet: Fleet) -> None:
     assert ev["bytes_from_peer"] == 64 << 20
 
 
-def test_half_close_keeps_the_other_direction_open(fleet: Fleet) -> None:
+def test_half_close_keeps_the_other_direction_open(fleet: procs.AgentPair) -> None:
     with socket.create_connection(fleet.route("echo"), timeout=10) as s:
         s.sendall(b"first part, ")
         time.sleep(0.2)
@@ -128,7 +86,7 @@ def test_half_close_keeps_the_other_direction_open(fleet: Fleet) -> None:
     assert got == b"first part, then EOF"
 
 
-def test_status_and_health(fleet: Fleet) -> None:
+def test_status_and_health(fleet: procs.AgentPair) -> None:
     code, body = fleet.b.admin_get("/healthz")
     assert code == 200, body
     st = fleet.b.status()
@@ -142,16 +100,16 @@ def test_status_and_health(fleet: Fleet) -> None:
 
 
 @pytest.mark.slow
-def test_redis_benchmark_and_cli_through_the_tunnel(fleet: Fleet, tmp_path: Path) -> None:
+def test_redis_benchmark_and_cli_through_the_tunnel(fleet: procs.AgentPair, tmp_path: Path) -> None:
     require_tool("redis-server", "redis-benchmark", "redis-cli")
     redis = subprocess.Popen(
-        ["redis-server", "--port", str(fleet.redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        ["redis-server", "--port", str(REDIS_PORT), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         cwd=tmp_path,
     )
     try:
-        direct = ["redis-cli", "-p", str(fleet.redis_port)]
+        direct = ["redis-cli", "-p", str(REDIS_PORT)]
         procs.wait_for(lambda: subprocess.run([*direct, "ping"], capture_output=True).returncode == 0, 10, "redis")
         host, port = fleet.route("redis")
         via = ["redis-cli", "-h", host, "-p", str(port)]
@@ -174,12 +132,12 @@ def test_redis_benchmark_and_cli_through_the_tunnel(fleet: Fleet, tmp_path: Path
 
 
 # --- refusals --------------------------------------------------------------------------------
-def test_garbage_on_the_tunnel_port_is_refused(fleet: Fleet) -> None:
+def test_garbage_on_the_tunnel_port_is_refused(fleet: procs.AgentPair) -> None:
     with socket.create_connection(fleet.b.tunnel, timeout=10) as s:
         s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         with contextlib.suppress(ConnectionResetError):
             assert s.recv(100) == b""
-    ev = _refused(fleet.b, "not-tls")
+    ev = procs.refused(fleet.b, "not-tls")
     assert ev["direction"] == "inbound"
 
 
@@ -198,7 +156,7 @@ def _tls_attempt(addr: tuple[str, int], ctx: SSL.Context) -> Exception | None:
     return None
 
 
-def test_certificate_from_another_ca_is_refused(fleet: Fleet) -> None:
+def test_certificate_from_another_ca_is_refused(fleet: procs.AgentPair) -> None:
     other = fleet.tmp / "other-srv"
     with procs.server(other, td="example.org") as srv2:
         c_dir = fleet.tmp / "c"
@@ -208,29 +166,29 @@ def test_certificate_from_another_ca_is_refused(fleet: Fleet) -> None:
     # Trust both roots so that OUR side accepts b: only b's verdict on our certificate is tested.
     roots = TrustBundle((*load_bundle(c).roots, *load_bundle(AgentPaths(fleet.a.data_dir)).roots))
     assert _tls_attempt(fleet.b.tunnel, context.client_context(load_credentials(c), roots))
-    _refused(fleet.b, "untrusted")
+    procs.refused(fleet.b, "untrusted")
 
 
-def test_expired_certificate_is_refused(fleet: Fleet) -> None:
+def test_expired_certificate_is_refused(fleet: procs.AgentPair) -> None:
     ca = load_ca(fleet.srv.data_dir, "example.org")
     key = keys.generate("ecdsa-p256")
     past = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=20)
     creds = Credentials(key, ca.issue(key.public_key(), host_id("example.org", "a"), past, dt.timedelta(minutes=1)))
     bundle = load_bundle(AgentPaths(fleet.a.data_dir))
     assert _tls_attempt(fleet.b.tunnel, context.client_context(creds, bundle))
-    _refused(fleet.b, "expired")
+    procs.refused(fleet.b, "expired")
 
 
-def test_policy_deny_closes_the_application_connection(fleet: Fleet) -> None:
+def test_policy_deny_closes_the_application_connection(fleet: procs.AgentPair) -> None:
     out = fleet.srv.admin("policy", "deny", "--from", "host/a", "--to", "echo2")
     rule = out.split()[1]
     try:
         procs.wait_for(lambda: fleet.b.status()["policy"]["rules"] >= 1, 10, "b to learn the deny rule")
         assert _closed_without_data(fleet.route("echo2"))
-        ev = _refused(fleet.b, "policy-denied")
+        ev = procs.refused(fleet.b, "policy-denied")
         assert ev["peer"] == "spiffe://example.org/host/a"
         assert ev["status"] == 403
-        _refused(fleet.a, "remote-forbidden")
+        procs.refused(fleet.a, "remote-forbidden")
         # the other service is not affected
         sent, received, _ = procs.echo_roundtrip(fleet.route("echo"), 1 << 16)
         assert sent == received
@@ -238,14 +196,14 @@ def test_policy_deny_closes_the_application_connection(fleet: Fleet) -> None:
         fleet.srv.admin("policy", "remove", rule)
 
 
-def test_unknown_service_gets_502(fleet: Fleet) -> None:
+def test_unknown_service_gets_502(fleet: procs.AgentPair) -> None:
     assert _closed_without_data(fleet.route("nosuch"))
-    ev = _refused(fleet.b, "unknown-service")
+    ev = procs.refused(fleet.b, "unknown-service")
     assert ev["status"] == 502
-    _refused(fleet.a, "remote-unavailable")
+    procs.refused(fleet.a, "remote-unavailable")
 
 
-def test_revoked_peer_is_cut_off_and_refused(fleet: Fleet) -> None:
+def test_revoked_peer_is_cut_off_and_refused(fleet: procs.AgentPair) -> None:
     r = procs.start_agent(fleet.tmp / "r", fleet.srv.token("r"), "--route", "127.0.0.1:0=echo@b")
     try:
         procs.wait_for(lambda: "b" in r.status()["registry_hosts"], 15, "r to learn b")
@@ -277,7 +235,7 @@ def test_revoked_peer_is_cut_off_and_refused(fleet: Fleet) -> None:
 
 
 # --- signals -------------------------------------------------------------------------------
-def test_sighup_reload_adds_a_route_and_keeps_config_on_error(fleet: Fleet) -> None:
+def test_sighup_reload_adds_a_route_and_keeps_config_on_error(fleet: procs.AgentPair) -> None:
     cfg = fleet.tmp / "h.toml"
     cfg.write_text('route = ["127.0.0.1:0=echo@b"]\n')
     h = procs.start_agent(fleet.tmp / "h", fleet.srv.token("h"), "--config", str(cfg))
@@ -294,7 +252,7 @@ def test_sighup_reload_adds_a_route_and_keeps_config_on_error(fleet: Fleet) -> N
         assert h.stop() == 0
 
 
-def test_sigterm_drains_live_tunnels(fleet: Fleet) -> None:
+def test_sigterm_drains_live_tunnels(fleet: procs.AgentPair) -> None:
     d = procs.start_agent(
         fleet.tmp / "d", fleet.srv.token("d"), "--route", "127.0.0.1:0=echo@b", "--drain-timeout", "3s"
     )
