@@ -21,6 +21,7 @@ import socket
 import struct
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from OpenSSL import SSL
@@ -230,6 +231,37 @@ def tunnel_once(addr: tuple[str, int], timeout: float = 10.0, keep: bool = False
         return elapsed, s
     s.close()
     return elapsed, None
+
+
+def paced_tunnels(
+    route: tuple[str, int], rate: float, until: float, workers: int, timeout: float = 10.0
+) -> tuple[list[float], list[str]]:
+    """:func:`tunnel_once` ``rate`` times per second until the monotonic time ``until``: (setup times, failures).
+
+    Bounded in count (rate x remaining seconds) and in time (each tunnel's ``timeout``).
+    """
+    times: list[float] = []
+    failures: list[str] = []
+    lock = threading.Lock()
+
+    def one() -> None:
+        try:
+            elapsed, _ = tunnel_once(route, timeout=timeout)
+        except OSError as exc:
+            with lock:
+                failures.append(f"{type(exc).__name__}: {exc}")
+            return
+        with lock:
+            times.append(elapsed)
+
+    start = time.monotonic()
+    with ThreadPoolExecutor(workers) as pool:
+        i = 0
+        while (due := start + i / rate) < until:
+            time.sleep(max(0.0, due - time.monotonic()))
+            pool.submit(one)
+            i += 1
+    return times, failures
 
 
 def percentile(values: list[float], q: float) -> float:

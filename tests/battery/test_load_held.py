@@ -18,7 +18,6 @@ import contextlib
 import json
 import os
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -48,31 +47,6 @@ def bed(tmp_path: Path) -> Iterator[loadkit.Bed]:
 
 def _active(agent: procs.AgentProc, direction: str) -> float:
     return agent.metric("tapproof_agent_tunnels_active", direction=direction)
-
-
-def _rate_phase(route: tuple[str, int], seconds: float) -> tuple[list[float], list[str]]:
-    """Open, echo and close RATE tunnels per second for ``seconds`` (bounded: RATE x seconds)."""
-    times: list[float] = []
-    failures: list[str] = []
-    lock = threading.Lock()
-
-    def one() -> None:
-        try:
-            elapsed, _ = loadkit.tunnel_once(route, timeout=15)
-        except OSError as exc:
-            with lock:
-                failures.append(f"{type(exc).__name__}: {exc}")
-            return
-        with lock:
-            times.append(elapsed)
-
-    start = time.monotonic()
-    with ThreadPoolExecutor(32) as pool:
-        for i in range(int(RATE * seconds)):
-            due = start + i / RATE
-            time.sleep(max(0.0, due - time.monotonic()))
-            pool.submit(one)
-    return times, failures
 
 
 def _still_echoes(s: socket.socket) -> bool:
@@ -113,7 +87,7 @@ def run_load(bed: loadkit.Bed, hold: float, rate_seconds: float) -> dict[str, fl
         per_tunnel = {n: (rss_held[n] - base[n][2]) / HELD for n in pids}
 
         hold_until = time.monotonic() + hold
-        times, failures = _rate_phase(bed.route, rate_seconds)
+        times, failures = loadkit.paced_tunnels(bed.route, RATE, time.monotonic() + rate_seconds, 32, timeout=15)
         time.sleep(max(0.0, hold_until - time.monotonic()))
 
         active_end = (_active(bed.a, "outbound"), _active(bed.b, "inbound"))

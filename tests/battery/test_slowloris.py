@@ -32,7 +32,6 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -160,31 +159,7 @@ def _start_flood(bed: loadkit.Bed, tmp: Path) -> subprocess.Popen[str]:
 
 
 def _legit(route: tuple[str, int], until: float) -> tuple[list[float], list[str]]:
-    times: list[float] = []
-    failures: list[str] = []
-    lock = threading.Lock()
-
-    def one() -> None:
-        try:
-            elapsed, _ = loadkit.tunnel_once(route, timeout=10)
-        except OSError as exc:
-            with lock:
-                failures.append(f"{type(exc).__name__}: {exc}")
-            return
-        with lock:
-            times.append(elapsed)
-
-    start = time.monotonic()
-    with ThreadPoolExecutor(16) as pool:
-        i = 0
-        while True:
-            due = start + i / LEGIT_RATE
-            if due >= until:
-                break
-            time.sleep(max(0.0, due - time.monotonic()))
-            pool.submit(one)
-            i += 1
-    return times, failures
+    return loadkit.paced_tunnels(route, LEGIT_RATE, until, 16)
 
 
 @pytest.mark.allowed_skip
