@@ -29,8 +29,13 @@ demo: venv
 	$(BIN)/tapproof demo $(DEMO_ARGS)
 
 # TAPPROOF_FULL=1 turns every "skipped: needs root/PostgreSQL/tcpdump" into a failure.
+# Two workers, one file per worker at a time (module fixtures stay shared; ports, namespaces and
+# PostgreSQL are per test or per worker); tests marked serial (rate assertions) then run alone.
+# Exit 5 (nothing selected, e.g. PYTEST_ARGS=tests/unit for the serial pass) is not a failure.
+TEST_JOBS ?= 2
 test: venv scanners
-	$(BIN)/python -m pytest -m "not soak" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not soak and not serial" -n $(TEST_JOBS) --dist loadfile $(PYTEST_ARGS) || [ $$? -eq 5 ]
+	$(BIN)/python -m pytest -m "serial and not soak" $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 test-fast: venv
 	$(BIN)/python -m pytest -m "not slow and not netns and not postgres and not soak" $(PYTEST_ARGS)
