@@ -45,7 +45,7 @@ from tapproof.agent.inbound import HANDSHAKE_TIMEOUT
 from tapproof.pki.ca import load_ca
 from tests.battery import loadkit
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.serial]  # the flood asserts its rate: run alone
 
 DURATION = 30.0
 SILENT = 500
