@@ -14,13 +14,14 @@ the running config (the reason is logged). Listen addresses need a restart.
 
 Data-plane design
 -----------------
-One thread per tunnel, from accept to close: the accept loops only accept
+Classic tunnels (the default; ``--mux`` carries streams over pooled connections
+instead, see :mod:`tapproof.agent.muxpool`): one thread per tunnel, from accept to close: the accept loops only accept
 (:mod:`tapproof.listener`); a worker does the handshake (with its own
 deadline), the peer and policy checks and the ``CONNECT`` exchange, then runs
 :class:`tapproof.tunnel.relay.Relay` on the same thread. The relay is the fast
 path: one ``poll`` loop per tunnel driving both directions through direct
-``SSL_read``/``SSL_write`` cffi calls on 256 KiB preallocated buffers, no
-per-byte Python work; cffi and the socket module release the GIL, so tunnels
+``SSL_read``/``SSL_write`` cffi calls on buffers that start at 16 KiB and grow
+to 256 KiB on bulk traffic, no per-byte Python work; cffi and the socket module release the GIL, so tunnels
 on different threads use both cores. Its docstring has the measurements
 (``bench/relay_speed.py``: ~5.7 Gbit/s both directions summed over one
 connection on this project's 2 noisy vCPUs, ~92% of a plaintext Python relay,
