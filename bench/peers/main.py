@@ -355,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
     md_path.write_text(md)
     json_path.write_text(json.dumps(result, indent=1, sort_keys=False) + "\n")
     sys.stdout.write(md + "\n")
-    console.print(f"results: {md_path} and {json_path} ({meta['elapsed_s']:.0f} s)")
+    # soft_wrap: a long path printed whole stays copyable (rich would fold it at the terminal width)
+    console.print(f"results: {md_path} and {json_path} ({meta['elapsed_s']:.0f} s)", soft_wrap=True)
     return 0
 
 
