@@ -21,8 +21,8 @@ plus 512 KiB, per connection; 4 MiB offered each).
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
+import errno
 import itertools
 import random
 import socket
@@ -107,9 +107,17 @@ def _poke(addr: tuple[str, int], payload: bytes) -> str:
     try:
         with socket.create_connection(addr, timeout=PER_CONNECTION_TIMEOUT) as s:
             s.settimeout(PER_CONNECTION_TIMEOUT)
-            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            try:
                 s.sendall(payload)
                 s.shutdown(socket.SHUT_WR)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            except OSError as exc:
+                # The agent closed with a reset before our half-close (its refusal was already
+                # made): ENOTCONN here is a close, not a failure of the agent.
+                if exc.errno != errno.ENOTCONN:
+                    raise
+                return "close"
             while True:
                 part = s.recv(65536)
                 if not part:
