@@ -106,9 +106,9 @@ def targets(
     b, p = best("cpu_s_per_gb", False)
     t = _med(summary, "tapproof", "cpu_s_per_gb")
     add("CPU-s per GB <= best TLS peer's", t, b, None if t is None or b is None else t <= b, p)
-    for i, key in enumerate(("rss_per_tunnel_step1_kib", "rss_per_tunnel_step2_kib")):
+    for step, key in zip(steps, ("rss_per_tunnel_step1_kib", "rss_per_tunnel_step2_kib"), strict=False):
         t = _med(summary, "tapproof", key)
-        add(f"RSS per idle tunnel at {steps[i]} <= 64 KiB", t, 64.0, None if t is None else t <= 64.0, "-")
+        add(f"RSS per idle tunnel at {step} <= 64 KiB", t, 64.0, None if t is None else t <= 64.0, "-")
     t = _med(summary, "tapproof", "cores_4_streams")
     add("4-stream run uses > 1 core", t, 1.0, None if t is None else t > 1.0, "-")
     g = groups.get("tapproof", {})

@@ -162,3 +162,83 @@ def test_stream_cap_and_local_misuse() -> None:
         mux.MuxConnection(client=True).send_open("not a target")
     with pytest.raises(LocalProtocolError):
         mux.MuxConnection(client=False).send_open("redis")
+
+
+def test_a_larger_receive_window_is_granted_once_the_stream_is_accepted() -> None:
+    big = 4 * mux.INITIAL_WINDOW
+    c = mux.MuxConnection(client=True, recv_window=big)
+    s = mux.MuxConnection(client=False, recv_window=big)
+    sid = c.send_open("redis")
+    _xfer(c, s)
+    s.send_result(sid, 200)
+    # the RESULT and the server's grant travel together; the client grants its own back
+    assert _xfer(s, c) == [mux.OpenResult(sid, 200), mux.WindowOpened(sid)]
+    assert c.send_window(sid) == big
+    assert _xfer(c, s) == [mux.WindowOpened(sid)]
+    assert s.send_window(sid) == big
+    # the receiver holds the sender to exactly the granted credit
+    c.send_data(sid, b"x" * big)
+    assert c.send_window(sid) == 0
+    assert sum(len(e.data) for e in _xfer(c, s) if isinstance(e, mux.Data)) == big
+    # credit comes back after a quarter of the window was consumed, not before
+    s.consumed(sid, big // 4 - 1)
+    assert s.pending_output == 0
+    s.consumed(sid, 1)
+    assert _xfer(s, c) == [mux.WindowOpened(sid)]
+    assert c.send_window(sid) == big // 4
+    # a refused stream gets no grant
+    sid2 = c.send_open("redis")
+    _xfer(c, s)
+    s.send_result(sid2, 403)
+    assert _xfer(s, c) == [mux.OpenResult(sid2, 403)]
+    with pytest.raises(ValueError):
+        mux.MuxConnection(client=True, recv_window=mux.INITIAL_WINDOW - 1)
+
+
+def test_a_default_peer_interoperates_with_a_larger_window() -> None:
+    c = mux.MuxConnection(client=True)  # an agent that only knows the initial window
+    s = mux.MuxConnection(client=False, recv_window=2 * mux.INITIAL_WINDOW)
+    sid = c.send_open("redis")
+    _xfer(c, s)
+    s.send_result(sid, 200)
+    _xfer(s, c)
+    assert c.send_window(sid) == 2 * mux.INITIAL_WINDOW
+    assert s.send_window(sid) == mux.INITIAL_WINDOW
+    c.send_data(sid, b"y" * (2 * mux.INITIAL_WINDOW))
+    assert sum(len(e.data) for e in _xfer(c, s) if isinstance(e, mux.Data)) == 2 * mux.INITIAL_WINDOW
+
+
+def test_a_direct_data_frame_header_accounts_like_send_data() -> None:
+    c, s = _pair()
+    sid = _open(c, s)
+    head = c.data_frame_header(sid, 5)
+    assert head == HEADER.pack(FrameType.DATA, sid, 5)
+    assert c.send_window(sid) == mux.INITIAL_WINDOW - 5
+    assert s.receive_data(head + b"hello") == [mux.Data(sid, b"hello")]
+    for bad in (0, mux.MAX_FRAME_PAYLOAD + 1):
+        with pytest.raises(LocalProtocolError):
+            c.data_frame_header(sid, bad)
+    c.send_data(sid, b"queued")  # something queued: a direct frame would overtake it
+    with pytest.raises(LocalProtocolError, match="queued"):
+        c.data_frame_header(sid, 1)
+    c.send_data(sid, b"z" * (c.send_window(sid) - 10))
+    c.data_to_send()
+    with pytest.raises(LocalProtocolError, match="window"):
+        c.data_frame_header(sid, 11)
+    assert c.data_frame_header(sid, 10)
+    c.send_data(sid, b"")  # an empty send is no frame (an empty DATA frame is a protocol error)
+    assert c.pending_output == 0
+
+
+def test_frames_split_anywhere_across_reads_and_memoryviews() -> None:
+    c, s = _pair()
+    sid = _open(c, s)
+    c.send_data(sid, bytes(range(256)) * 300)
+    c.send_fin(sid)
+    wire = bytes(c.data_to_send())
+    got: list[mux.Event] = []
+    for i in range(0, len(wire), 7001):
+        got += s.receive_data(memoryview(bytearray(wire[i : i + 7001])))
+    data = b"".join(e.data for e in got if isinstance(e, mux.Data))
+    assert data == bytes(range(256)) * 300
+    assert got[-1] == mux.StreamEnded(sid)

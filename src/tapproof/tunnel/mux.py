@@ -28,9 +28,12 @@ PING / PONG 0          8 opaque bytes (PING is answered by PONG automatically)
 
 Only the client (the side that made the TLS connection) opens streams, with
 strictly increasing ids. Each stream starts with :data:`INITIAL_WINDOW` bytes
-of send credit each way; a DATA frame beyond the credit the receiver granted
-is a protocol error, so one stream never buffers more than that and a slow
-application only stalls its own stream. Frames for a stream already ended or
+of send credit each way; a receiver may grant more with WINDOW at any time
+(``recv_window``: a :class:`MuxConnection` grants the rest of it as soon as a
+stream is accepted, so a bulk stream is not held to one small window per round
+trip). A DATA frame beyond the credit the receiver granted is a protocol
+error, so one stream never buffers more than that and a slow application only
+stalls its own stream. Frames for a stream already ended or
 reset are ignored (they crossed our RST on the wire).
 """
 
@@ -39,7 +42,6 @@ from __future__ import annotations
 import dataclasses
 import enum
 import struct
-from collections.abc import Iterator
 
 from tapproof.errors import LocalProtocolError, RemoteProtocolError
 from tapproof.tunnel import preamble
@@ -50,6 +52,7 @@ __all__ = [
     "INITIAL_WINDOW",
     "MAX_FRAME_PAYLOAD",
     "MAX_STREAMS",
+    "MAX_WINDOW",
     "Data",
     "Event",
     "FrameType",
@@ -75,6 +78,8 @@ INITIAL_WINDOW = 256 * 1024
 MAX_STREAMS = 16384
 """Most streams open at once on one connection (an OPEN beyond it is a protocol error)."""
 MAX_STREAM_ID = 2**31 - 1
+MAX_WINDOW = 2**31 - 1
+"""Largest send credit a stream may hold (a WINDOW beyond it is a protocol error)."""
 _STATUS = struct.Struct("!H")
 _U32 = struct.Struct("!I")
 _STATUSES = frozenset(preamble.REASONS)
@@ -182,11 +187,21 @@ class _Stream:
 
 
 class MuxConnection:
-    """The multiplexing state of one connection, ``client`` or server side (not thread-safe)."""
+    """The multiplexing state of one connection, ``client`` or server side (not thread-safe).
 
-    def __init__(self, *, client: bool, max_streams: int = MAX_STREAMS) -> None:
+    ``recv_window`` is the credit this side keeps granted to the peer per
+    stream (at least :data:`INITIAL_WINDOW`): the most it buffers for one
+    stream whose application reads slowly.
+    """
+
+    def __init__(self, *, client: bool, max_streams: int = MAX_STREAMS, recv_window: int = INITIAL_WINDOW) -> None:
+        if not INITIAL_WINDOW <= recv_window <= MAX_WINDOW:
+            raise ValueError(f"recv_window must be within {INITIAL_WINDOW}..{MAX_WINDOW}")
         self.client = client
         self.max_streams = max_streams
+        self.recv_window = recv_window
+        """Credit granted to the peer per stream once it is accepted."""
+        self._ack_at = recv_window // 4
         self._streams: dict[int, _Stream] = {}
         self._in = bytearray()
         self._out = bytearray()
@@ -228,10 +243,9 @@ class MuxConnection:
             and self._last_id < MAX_STREAM_ID
         )
 
-    def data_to_send(self) -> bytes:
-        """The queued frame bytes (then cleared)."""
-        out = bytes(self._out)
-        self._out.clear()
+    def data_to_send(self) -> bytearray:
+        """The queued frame bytes (then cleared: the buffer is handed over, not copied)."""
+        out, self._out = self._out, bytearray()
         return out
 
     @property
@@ -240,7 +254,7 @@ class MuxConnection:
         return len(self._out)
 
     # --- sending ---------------------------------------------------------------------
-    def _frame(self, ftype: FrameType, stream_id: int, payload: bytes = b"") -> None:
+    def _frame(self, ftype: FrameType, stream_id: int, payload: bytes | memoryview = b"") -> None:
         self._out += HEADER.pack(ftype, stream_id, len(payload))
         self._out += payload
 
@@ -276,18 +290,49 @@ class MuxConnection:
         self._frame(FrameType.RESULT, stream_id, _STATUS.pack(status))
         if not s.accepted:
             del self._streams[stream_id]
+            return
+        self._grant(stream_id, s)
+
+    def _grant(self, stream_id: int, s: _Stream) -> None:
+        """A stream was accepted: raise the peer's credit from INITIAL_WINDOW to our ``recv_window``."""
+        extra = self.recv_window - INITIAL_WINDOW
+        if extra > 0:
+            s.recv_window += extra
+            self._frame(FrameType.WINDOW, stream_id, _U32.pack(extra))
 
     def send_data(self, stream_id: int, data: bytes) -> None:
         """Send application bytes (at most :meth:`send_window`; split into frames here)."""
+        self._take_window(stream_id, len(data))
+        if not data:
+            return
+        if len(data) <= MAX_FRAME_PAYLOAD:  # the common case: no slice, one copy into the output
+            self._frame(FrameType.DATA, stream_id, data)
+            return
+        view = memoryview(data)
+        for i in range(0, len(view), MAX_FRAME_PAYLOAD):
+            self._frame(FrameType.DATA, stream_id, view[i : i + MAX_FRAME_PAYLOAD])
+
+    def data_frame_header(self, stream_id: int, length: int) -> bytes:
+        """Account one DATA frame of ``length`` bytes and return its header, for a caller
+        that sends header and payload itself (no copy through this object).
+
+        Only while :attr:`pending_output` is 0 (else the frame would overtake queued ones);
+        the caller must send the header and payload before anything queued after this call.
+        """
+        if self._out:
+            raise LocalProtocolError("queued frames must be sent before a direct data frame")
+        if not 0 < length <= MAX_FRAME_PAYLOAD:
+            raise LocalProtocolError(f"a data frame carries 1..{MAX_FRAME_PAYLOAD} bytes, not {length}")
+        self._take_window(stream_id, length)
+        return HEADER.pack(FrameType.DATA, stream_id, length)
+
+    def _take_window(self, stream_id: int, length: int) -> None:
         s = self._live(stream_id)
         if not s.accepted or s.fin_sent:
             raise LocalProtocolError(f"stream {stream_id} cannot send data now")
-        if len(data) > s.send_window:
-            raise LocalProtocolError(f"{len(data)} bytes exceed the send window of stream {stream_id}")
-        s.send_window -= len(data)
-        view = memoryview(data)
-        for i in range(0, len(view), MAX_FRAME_PAYLOAD):
-            self._frame(FrameType.DATA, stream_id, bytes(view[i : i + MAX_FRAME_PAYLOAD]))
+        if length > s.send_window:
+            raise LocalProtocolError(f"{length} bytes exceed the send window of stream {stream_id}")
+        s.send_window -= length
 
     def send_fin(self, stream_id: int) -> None:
         """End our direction of ``stream_id`` cleanly."""
@@ -309,7 +354,7 @@ class MuxConnection:
         if s is None or n <= 0:
             return
         s.unacked += n
-        if s.unacked >= INITIAL_WINDOW // 4 and not s.fin_recv:
+        if s.unacked >= self._ack_at and not s.fin_recv:
             s.recv_window += s.unacked
             self._frame(FrameType.WINDOW, stream_id, _U32.pack(s.unacked))
             s.unacked = 0
@@ -331,7 +376,7 @@ class MuxConnection:
             del self._streams[stream_id]
 
     # --- receiving -------------------------------------------------------------------
-    def receive_data(self, data: bytes) -> list[Event]:
+    def receive_data(self, data: bytes | bytearray | memoryview) -> list[Event]:
         """Feed bytes from the peer; return the events they complete.
 
         Raises :class:`RemoteProtocolError` on any violation (then the
@@ -339,31 +384,40 @@ class MuxConnection:
         """
         if self._dead:
             raise RemoteProtocolError("connection already failed")
-        self._in += data
         try:
-            return list(self._parse())
+            if self._in:  # a partial frame is waiting: complete it in our buffer
+                self._in += data
+                events, used = self._parse(self._in)
+                del self._in[:used]
+            else:  # parse the caller's buffer in place; keep only a trailing partial frame
+                events, used = self._parse(data)
+                if used < len(data):
+                    self._in += memoryview(data)[used:]
         except RemoteProtocolError:
             self._dead = True
+            self._in.clear()
             raise
+        return events
 
-    def _parse(self) -> Iterator[Event]:
-        buf = self._in
-        off = 0
+    def _parse(self, buf: bytes | bytearray | memoryview) -> tuple[list[Event], int]:
+        """The events of the whole frames at the start of ``buf``, and how many bytes they took."""
+        events: list[Event] = []
         size = HEADER.size
-        try:
-            while len(buf) - off >= size:
-                ftype, sid, length = HEADER.unpack_from(buf, off)
+        off = 0
+        with memoryview(buf) as view:  # one copy per payload (a bytearray slice would copy twice)
+            end = len(view)
+            while end - off >= size:
+                ftype, sid, length = HEADER.unpack_from(view, off)
                 if length > MAX_FRAME_PAYLOAD:
                     raise RemoteProtocolError(f"frame of {length} bytes exceeds {MAX_FRAME_PAYLOAD}")
-                if len(buf) - off - size < length:
+                if end - off - size < length:
                     break
-                payload = bytes(buf[off + size : off + size + length])
+                payload = view[off + size : off + size + length].tobytes()
                 off += size + length
                 event = self._handle(ftype, sid, payload)
                 if event is not None:
-                    yield event
-        finally:
-            del buf[:off]
+                    events.append(event)
+        return events, off
 
     def _handle(self, ftype: int, sid: int, payload: bytes) -> Event | None:
         if ftype in (FrameType.GOAWAY, FrameType.PING, FrameType.PONG):
@@ -413,6 +467,8 @@ class MuxConnection:
             s.accepted = status == 200
             if not s.accepted:
                 del self._streams[sid]
+            else:
+                self._grant(sid, s)
             return OpenResult(sid, status)
         if ftype == FrameType.DATA:
             if not payload:
@@ -447,7 +503,7 @@ class MuxConnection:
                 raise RemoteProtocolError("zero window increment")
             if s is None:
                 return None
-            if s.send_window + credit > 2**31 - 1:
+            if s.send_window + credit > MAX_WINDOW:
                 raise RemoteProtocolError("window overflow")
             s.send_window += credit
             return WindowOpened(sid)

@@ -45,6 +45,13 @@ log = logging.getLogger(__name__)
 __all__ = ["MuxLoop", "OpenRefused", "ServerHooks", "StreamHooks", "run_in_thread"]
 
 READ_SIZE = 64 * 1024
+"""Most plaintext bytes read from one stream's socket at once (one DATA frame)."""
+TLS_READ_SIZE = 256 * 1024
+"""Decrypted bytes gathered (record by record) before the codec parses them."""
+STREAM_WINDOW = 2 * 1024 * 1024
+"""Credit each side grants per stream (:class:`mux.MuxConnection` ``recv_window``): the most
+buffered for one stream. 256 KiB (the protocol's initial window) held one bulk stream to
+~3 Gbit/s here, the loops idle waiting for WINDOW frames; see bench/PROFILE.md."""
 TLS_HIGH_WATER = 4 * 1024 * 1024
 """TLS output bytes queued above which no plaintext socket is read."""
 TLS_LOW_WATER = 1024 * 1024
@@ -166,7 +173,7 @@ class MuxLoop:
         if not client and server_hooks is None:
             raise ValueError("a server loop needs server hooks")
         self.conn = conn
-        self.mux = mux.MuxConnection(client=client)
+        self.mux = mux.MuxConnection(client=client, recv_window=STREAM_WINDOW)
         self.client = client
         self._server = server_hooks
         self._idle = idle_timeout
@@ -177,7 +184,7 @@ class MuxLoop:
         self._queue: collections.deque[Callable[[], None]] = collections.deque()
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._wake_lock = threading.Lock()
-        self._tls_out: collections.deque[bytes] = collections.deque()
+        self._tls_out: collections.deque[bytes | bytearray] = collections.deque()
         self._tls_out_off = 0
         self._tls_out_len = 0
         self._paused: list[_Stream] = []
@@ -247,8 +254,10 @@ class MuxLoop:
         self._tls_events = _R
         self._sel.register(self._tls_fd, _R, None)
         self._sel.register(self._wake, _R, None)
-        self._rbuf = _ffi.new("char[]", READ_SIZE)
-        self._rmv = _ffi.buffer(self._rbuf)
+        self._rbuf = _ffi.new("char[]", TLS_READ_SIZE)
+        self._rmv = memoryview(_ffi.buffer(self._rbuf))  # slices are views (a cffi buffer slice copies)
+        self._sbuf = _ffi.new("char[]", mux.HEADER.size + READ_SIZE)
+        self._smv = memoryview(_ffi.buffer(self._sbuf))
         self._last_rx = self._clock()
         self._last_tick = self._last_rx
         self._idle_since = self._last_rx
@@ -300,12 +309,17 @@ class MuxLoop:
 
     # --- TLS side ----------------------------------------------------------------------
     def _read_tls(self, ssl: Any) -> None:
-        chunks = []
+        # Records are decrypted one after another into one buffer (no per-record
+        # bytes object, no join); the codec copies it once into its own buffer.
         buf, mv = self._rbuf, self._rmv
+        got = 0
         while True:
-            r = _lib.SSL_read(ssl, buf, READ_SIZE)
+            r = _lib.SSL_read(ssl, buf + got, TLS_READ_SIZE - got)
             if r > 0:
-                chunks.append(mv[:r])
+                got += r
+                if got == TLS_READ_SIZE:
+                    self._got_tls(mv[:got])
+                    got = 0
                 continue
             err = _lib.SSL_get_error(ssl, r)
             if err == _WANT_READ:
@@ -314,15 +328,18 @@ class MuxLoop:
                 self._want_tls(_R | _W)
                 break
             if err == _ZERO_RETURN:
-                self._handle(b"".join(chunks))
+                self._handle(mv[:got])
                 raise _Conn(EndReason.PEER_RESET if self._streams else EndReason.CLEAN, "peer closed the connection")
             raise _Conn(EndReason.TLS_ERROR, _ssl_error("read", r, err))
-        if chunks:
-            self._last_rx = self._clock()
-            self._pinged = False
-            self._handle(b"".join(chunks))
+        if got:
+            self._got_tls(mv[:got])
 
-    def _handle(self, data: bytes) -> None:
+    def _got_tls(self, data: memoryview) -> None:
+        self._last_rx = self._clock()
+        self._pinged = False
+        self._handle(data)
+
+    def _handle(self, data: bytes | memoryview) -> None:
         if not data:
             return
         try:
@@ -437,24 +454,57 @@ class MuxLoop:
         if room <= 0 or s.fin_sent:
             self._interest(s)
             return
+        # Fast path (nothing queued for TLS): read the application's bytes right behind
+        # a reserved frame header and hand header + payload to SSL_write in one call,
+        # with no Python copy; otherwise through the codec's output queue (keeps order).
+        direct = not self._tls_out and not self.mux.pending_output
+        hdr = mux.HEADER.size
+        data = b""
         try:
-            data = s.sock.recv(room)
+            if direct:
+                n = s.sock.recv_into(self._smv[hdr : hdr + room])
+            else:
+                data = s.sock.recv(room)
+                n = len(data)
         except BlockingIOError:
             return
         except OSError as exc:
             self._end(s, EndReason.PEER_RESET, Side.PLAIN, f"plain recv: {exc}")
             return
         s.last_io = self._clock()
-        if not data:
+        if not n:
             s.fin_sent = True
             self.mux.send_fin(s.sid)
             self._interest(s)
             self._maybe_clean(s)
             return
-        s.up += len(data)
-        self.mux.send_data(s.sid, data)
+        s.up += n
+        if direct:
+            self._smv[:hdr] = self.mux.data_frame_header(s.sid, n)
+            self._write_direct(hdr + n)
+        else:
+            self.mux.send_data(s.sid, data)
         if self.mux.send_window(s.sid) == 0:
             self._interest(s)
+
+    def _write_direct(self, total: int) -> None:
+        """SSL_write the frame in the send buffer; what it did not take is queued (same bytes, in order)."""
+        ssl = self.conn._ssl
+        r = _lib.SSL_write(ssl, self._sbuf, total)
+        if r == total:
+            return
+        if r > 0:
+            rest = self._smv[r:total].tobytes()
+        else:
+            err = _lib.SSL_get_error(ssl, r)
+            if err not in (_WANT_WRITE, _WANT_READ):
+                raise _Conn(EndReason.TLS_ERROR, _ssl_error("write", r, err))
+            # OpenSSL may hold part of it: the retry passes the same bytes (pyOpenSSL allows a moved buffer)
+            rest = self._smv[:total].tobytes()
+            if err == _WANT_WRITE:
+                self._want_tls(_R | _W)
+        self._tls_out.append(rest)
+        self._tls_out_len += len(rest)
 
     def _on_data(self, sid: int, data: bytes) -> None:
         s = self._streams.get(sid)
