@@ -1,7 +1,11 @@
 """A TCP accept loop that hands each connection to a worker thread and never blocks on one.
 
 The accept loop only accepts: handshakes, preambles and relays run in the
-worker (one thread per connection; the relay's C calls release the GIL). A
+worker (one thread per connection; the relay's C calls release the GIL).
+A handler may also offer a ``fast`` path, tried in the accept loop itself: it
+takes the connection only when it can do so without blocking (an agent with a
+ready mux connection hands the socket to that connection's event loop), and
+saves the thread start that otherwise bounds how fast one loop accepts. A
 bounded number of workers caps memory under a connection flood: past it, a
 new connection is closed at once and reported (reason ``too-many-connections``).
 Used by the agent's listeners and the control plane's API server.
@@ -62,6 +66,8 @@ LOG_EVERY = 1.0
 """Seconds between two ``connection-refused`` lines of one reason (the rest are counted, then summarised)."""
 
 Handler = Callable[[socket.socket, tuple[str, int]], None]
+FastPath = Callable[[socket.socket, tuple[str, int]], bool]
+"""Takes the connection without blocking and returns True, or returns False (a worker thread takes it)."""
 OnRefuse = Callable[[str], None]
 
 
@@ -90,9 +96,11 @@ class Listener:
         name: str,
         on_refuse: OnRefuse | None = None,
         max_workers: int = MAX_WORKERS,
+        fast: FastPath | None = None,
     ) -> None:
         self.sock = sock
         self.handler = handler
+        self.fast = fast
         self.name = name
         self.on_refuse = on_refuse or (lambda _reason: None)
         self._slots = threading.BoundedSemaphore(max_workers)
@@ -128,6 +136,8 @@ class Listener:
                 log_event(log, "accept-failed", level=logging.WARNING, listener=self.name, detail=str(exc))
                 self._stop.wait(0.05)
                 continue
+            if self.fast is not None and self._try_fast(conn, addr):
+                continue
             if not self._slots.acquire(blocking=False):
                 self._refuse("too-many-connections", addr)
                 with contextlib.suppress(OSError):
@@ -142,6 +152,16 @@ class Listener:
                 self._refuse("no-worker", addr)
                 with contextlib.suppress(OSError):
                     conn.close()
+
+    def _try_fast(self, conn: socket.socket, addr: tuple[str, int]) -> bool:
+        assert self.fast is not None  # noqa: S101 - checked by the caller
+        try:
+            return self.fast(conn, addr)
+        except Exception:  # a bug must not kill the accept loop; the connection is dropped, not leaked
+            log.exception("connection-fast-path-crashed", extra={"event": "handler-crashed", "listener": self.name})
+            with contextlib.suppress(OSError):
+                conn.close()
+            return True
 
     def _refuse(self, reason: str, addr: tuple[str, int]) -> None:
         """Count a refused connection; log it (one line per reason per :data:`LOG_EVERY` seconds)."""

@@ -174,11 +174,13 @@ class Agent:
 
     def _route_listener(self, route: Route) -> Listener:
         sock = bind(route.listen_host, route.listen_port, what=f"--route {route}")
+        handler = RouteHandler(self.rt, route)
         return Listener(
             sock,
-            RouteHandler(self.rt, route),
+            handler,
             name=f"route-{route.service}@{route.host}",
             on_refuse=refused("outbound"),
+            fast=handler.fast,
         )
 
     def _start_transparent(self) -> None:
@@ -189,9 +191,8 @@ class Agent:
         # REDIRECT maps locally generated packets to 127.0.0.1: the listener never faces the network
         # (bound to 0.0.0.0 it would be a plaintext relay that lends this host's identity to anyone).
         sock = bind("127.0.0.1", cfg.transparent_port, what="--transparent-port")
-        self.transparent = Listener(
-            sock, TransparentHandler(rt, transparent.original_dst), name="transparent", on_refuse=refused("outbound")
-        )
+        handler = TransparentHandler(rt, transparent.original_dst)
+        self.transparent = Listener(sock, handler, name="transparent", on_refuse=refused("outbound"), fast=handler.fast)
         rt.mark = transparent.DEFAULT_MARK
         own = {_ip_of(rt.advertise)}
         cidrs = list(cfg.fleet_cidrs) + [

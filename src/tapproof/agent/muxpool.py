@@ -35,6 +35,7 @@ from tapproof.agent.peerdial import CONNECT_TIMEOUT, DialRefused, dial_peer
 from tapproof.agent.runtime import Runtime
 from tapproof.agent.tunnels import MuxPeer
 from tapproof.identity import host_id
+from tapproof.logs import log_event
 from tapproof.tls.context import MUX_ALPN
 from tapproof.tls.stream import TLSStream
 from tapproof.tunnel.muxloop import MuxLoop, run_in_thread
@@ -135,6 +136,56 @@ class MuxPool:
                 return False
             peer.conns.append(client)
             return self._submit(rt, client, app, host, target, source, fields)
+
+    def try_open(
+        self, rt: Runtime, app: socket.socket, host: str, target: str, source: str | None, fields: dict[str, Any]
+    ) -> bool:
+        """Like :meth:`open` but never waits: False unless a live connection to ``host`` takes ``app``.
+
+        When every connection is busy and the pool has room, another one is
+        dialled in the background (this stream still goes to the least loaded).
+        """
+        material = rt.creds.current
+        with self._lock:
+            peer = self._peers.get(host)
+            if peer is None or peer.no_mux_until > time.monotonic():
+                return False
+            self._retire(rt, peer, material)
+            best = min(peer.conns, key=lambda c: c.load, default=None)
+            if best is None:
+                return False
+            if best.load > 0 and len(peer.conns) + peer.connecting < self.size:
+                peer.connecting += 1
+                threading.Thread(
+                    target=self._grow, args=(rt, host, material, fields), name=f"mux-dial-{host}", daemon=True
+                ).start()
+            return self._submit(rt, best, app, host, target, source, fields)
+
+    def _grow(self, rt: Runtime, host: str, material: Material, fields: dict[str, Any]) -> None:
+        """(own thread) One more pooled connection to ``host``; a failure is logged, the next open retries."""
+        client: _Client | None = None
+        failed: DialRefused | None = None
+        try:
+            client = self._connect(rt, host, material, fields)
+        except DialRefused as exc:
+            failed = exc
+        with self._lock:
+            peer = self._peers.setdefault(host, _Peer())
+            peer.connecting -= 1
+            self._changed.notify_all()
+            if client is not None:
+                peer.conns.append(client)
+            elif failed is None:
+                peer.no_mux_until = time.monotonic() + NO_MUX_RETRY
+        if failed is not None:
+            log_event(
+                log,
+                "mux-connect-failed",
+                level=logging.WARNING,
+                reason=failed.reason,
+                detail=failed.detail,
+                **{k: v for k, v in fields.items() if k in ("peer", "address")},
+            )
 
     def _retire(self, rt: Runtime, peer: _Peer, material: Material) -> None:
         now = rt.now()

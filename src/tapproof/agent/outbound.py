@@ -40,7 +40,7 @@ from tapproof.units import format_hostport
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CONNECT_TIMEOUT", "RouteHandler", "TransparentHandler", "open_tunnel"]
+__all__ = ["CONNECT_TIMEOUT", "RouteHandler", "TransparentHandler", "open_tunnel", "try_mux_stream"]
 
 DIRECTION = "outbound"
 
@@ -52,11 +52,38 @@ def _reset(sock: socket.socket) -> None:
         sock.close()
 
 
+def _source(app_addr: object) -> str:
+    return format_hostport(app_addr[0], app_addr[1]) if isinstance(app_addr, tuple) else str(app_addr)
+
+
+def _fields(rt: Runtime, host: str, target: str, via: str) -> dict[str, object]:
+    return {"peer": str(host_id(rt.trust_domain, host)), "service": target, "via": via}
+
+
+def try_mux_stream(
+    rt: Runtime, app: socket.socket, app_addr: tuple[str, int], host: str, target: str, via: str
+) -> bool:
+    """Without blocking: carry ``app`` on a ready pooled mux connection (True), or leave it (False).
+
+    Called in the accept loop. Anything that could wait (a refusal to log is
+    fine, a handshake is not) is left to :func:`open_tunnel` in a worker thread,
+    which repeats these checks.
+    """
+    pool = rt.mux_pool
+    if not rt.config.mux or pool is None or host in rt.policy.revoked_hosts:
+        return False
+    addr = rt.registry.advertise(host)
+    if addr is None:
+        return False
+    fields = {**_fields(rt, host, target, via), "address": format_hostport(*addr), "source": _source(app_addr)}
+    return pool.try_open(rt, app, host, target, _source_header(app_addr), fields)
+
+
 def open_tunnel(rt: Runtime, app: socket.socket, app_addr: tuple[str, int], host: str, target: str, via: str) -> None:
     """Tunnel ``app`` to ``target`` (service name or ``ip:port``) on host ``host``; owns ``app``."""
     start = time.monotonic()
-    source = format_hostport(app_addr[0], app_addr[1]) if isinstance(app_addr, tuple) else str(app_addr)
-    fields: dict[str, object] = {"peer": str(host_id(rt.trust_domain, host)), "service": target, "via": via}
+    source = _source(app_addr)
+    fields = _fields(rt, host, target, via)
     if host in rt.policy.revoked_hosts:
         _reset(app)
         events.refused(DIRECTION, "peer-revoked", **fields)
@@ -146,6 +173,12 @@ class RouteHandler:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         open_tunnel(self.rt, conn, addr, self.route.host, self.route.service, via=f"route {self.route}")
 
+    def fast(self, conn: socket.socket, addr: tuple[str, int]) -> bool:
+        """The accept loop's non-blocking path (``--mux`` with a ready connection); see :func:`try_mux_stream`."""
+        with contextlib.suppress(OSError):
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return try_mux_stream(self.rt, conn, addr, self.route.host, self.route.service, f"route {self.route}")
+
 
 class TransparentHandler:
     """The transparent listener: the original destination picks the host (through the registry)."""
@@ -174,3 +207,18 @@ class TransparentHandler:
         with contextlib.suppress(OSError):
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         open_tunnel(self.rt, conn, addr, host, format_hostport(ip, port), via="transparent")
+
+    def fast(self, conn: socket.socket, addr: tuple[str, int]) -> bool:
+        """The accept loop's non-blocking path: only a redirected connection a ready mux connection can carry."""
+        if not self.rt.config.mux or self.rt.mux_pool is None:
+            return False
+        try:
+            ip, port = self.original_dst(conn)
+        except (OSError, TapproofError):
+            return False  # the worker refuses it, with the reason
+        host = None if is_own_address(ip) else self.rt.registry.host_for_ip(ip)
+        if host is None:
+            return False
+        with contextlib.suppress(OSError):
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return try_mux_stream(self.rt, conn, addr, host, format_hostport(ip, port), "transparent")
