@@ -242,6 +242,32 @@ def test_redeem_used_token(store: Store) -> None:
         store.get_certificate("02")
 
 
+def test_redeem_repeated_by_the_same_key_until_expiry(store: Store) -> None:
+    key_a, key_b = "a" * 64, "b" * 64
+    store.add_token(token("t1"))
+    tok, _ = store.redeem_token("t1", T0 + MIN, issuer("01"), key=key_a)
+    assert (tok.used_at, tok.redeemed_key) == (T0 + MIN, key_a)
+    # the answer was lost: the same key asks again and gets a new certificate, recorded
+    again, crt = store.redeem_token("t1", T0 + 2 * MIN, issuer("02"), key=key_a)
+    assert (again.used_at, again.redeemed_key) == (T0 + MIN, key_a)  # the first use stands
+    assert store.get_certificate("02") == crt
+    assert store.get_host("web1").enrolled_at == T0 + 2 * MIN
+    used = store.list_tokens(include_used=True)[0]
+    assert (used.used_at, used.redeemed_key) == (T0 + MIN, key_a)
+    # any other key, no key, or the same key once the token expired: used
+    for key, when, serial in ((key_b, T0 + 3 * MIN, "03"), ("", T0 + 3 * MIN, "04"), (key_a, T0 + 15 * MIN, "05")):
+        with pytest.raises(EnrollmentRefused) as info:
+            store.redeem_token("t1", when, issuer(serial), key=key)
+        assert info.value.reason is TokenReason.USED
+        with pytest.raises(NotFound):
+            store.get_certificate(serial)
+    # nor once the host was revoked
+    store.revoke_host("web1", T0 + 4 * MIN, "stolen")
+    with pytest.raises(EnrollmentRefused) as info:
+        store.redeem_token("t1", T0 + 5 * MIN, issuer("06"), key=key_a)
+    assert info.value.reason is TokenReason.HOST_REVOKED
+
+
 def test_redeem_for_revoked_host(store: Store) -> None:
     store.add_token(token("t1"))
     store.add_token(token("t2"))

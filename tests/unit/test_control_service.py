@@ -81,6 +81,27 @@ def test_token_single_use(cp: ControlPlane) -> None:
     assert ei.value.reason is TokenReason.USED
 
 
+def test_same_key_may_repeat_a_redemption_whose_answer_was_lost(cp: ControlPlane) -> None:
+    js = parse(cp.create_token("web-1", dt.timedelta(minutes=15), "admin"))
+    key = keys.generate()
+    first = _redeem(cp, js.secret, key)
+    cp.clock.advance(30)  # type: ignore[attr-defined]
+    again = _redeem(cp, js.secret, key)  # a new certificate for the same key and host
+    assert again.serial != first.serial
+    assert again.spiffe_id == first.spiffe_id == "spiffe://example.org/host/web-1"
+    chain = certs.load_pem_chain(again.chain_pem.encode())
+    assert chain[0].public_key() == key.public_key()
+    assert cp.store.get_certificate(again.serial).host == "web-1"
+    assert [e.action for e in cp.store.list_audit()][-2:] == ["enroll", "enroll-repeated"]
+    with pytest.raises(EnrollmentRefused) as ei:  # anyone else holding the secret: used
+        _redeem(cp, js.secret)
+    assert ei.value.reason is TokenReason.USED
+    cp.clock.advance(15 * 60)  # type: ignore[attr-defined]
+    with pytest.raises(EnrollmentRefused) as ei:  # past the token's expiry: used, even for the same key
+        _redeem(cp, js.secret, key)
+    assert ei.value.reason is TokenReason.USED
+
+
 def test_token_expired_and_unknown(cp: ControlPlane) -> None:
     js = parse(cp.create_token("web-1", dt.timedelta(minutes=1), "admin"))
     cp.clock.advance(61)  # type: ignore[attr-defined]

@@ -4,7 +4,17 @@ The key is made here and never leaves; the server's chain must end at the
 root pinned in the join string (checked before the secret is sent), and the
 returned certificate must chain to that same root and carry our key. Files
 are written only after every check passed, into a temporary directory that
-is then moved into place: a refused enrollment writes nothing.
+is then moved into place: a refused enrollment writes no credentials (only the
+pending key below).
+
+The key is saved (0600, ``.enroll-pending-*.pem`` in the data dir, named after
+the join token's hash) just before the secret is sent, and reused by the next
+``enroll`` with the same join string: if a server dies after it spent the token
+and before it answered, the retry (on another server, or after a restart)
+repeats the redemption with the same key, which the server accepts until the
+token expires. The file is removed once the enrollment is written, and when
+the server refused it (a 4xx answer: the token was not spent for this key); it
+stays only when the outcome is unknown.
 
 Clock skew (:mod:`tapproof.agent.clockskew`) is measured twice: on a
 ``GET /v1/bundle`` before the join secret is sent (a refusal then keeps the
@@ -14,7 +24,9 @@ certificate's ``notBefore``).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import hashlib
 import logging
 import os
 import shutil
@@ -26,7 +38,7 @@ from tapproof.agent import clockskew
 from tapproof.agent.state import AgentIdentity, AgentPaths, save_credentials
 from tapproof.control import joinstring, tlsctx
 from tapproof.control.client import date_probe, pinned_call
-from tapproof.errors import ConfigError, PeerReason, PeerRejected, PKIError, TapproofError
+from tapproof.errors import APIError, ConfigError, PeerReason, PeerRejected, PKIError, TapproofError
 from tapproof.logs import log_event
 from tapproof.pki import certs, csr, keys
 from tapproof.pki.verify import check_leaf, verify_chain
@@ -54,7 +66,10 @@ def enroll(
         raise ConfigError(f"--data-dir: {paths.root} is already enrolled; use another directory or remove it")
     if paths.root.exists() and not paths.root.is_dir():
         raise ConfigError(f"--data-dir: {paths.root} is not a directory")
-    key = keys.generate(algorithm)
+    pending_path = paths.root / f".enroll-pending-{hashlib.sha256(js.secret.encode()).hexdigest()[:16]}.pem"
+    key = _load_pending(pending_path)
+    pending = key is not None
+    key = key or keys.generate(algorithm)
     sent = dt.datetime.now(dt.UTC)
     try:
         _status, headers, _body = pinned_call(js.servers, js.trust_domain, js.fingerprint, key, "GET", "/v1/bundle")
@@ -74,7 +89,18 @@ def enroll(
     )
     sent = dt.datetime.now(dt.UTC)
     body = {"token": js.secret, "csr": csr.build(key, None).decode()}
-    _status, headers, resp = pinned_call(js.servers, js.trust_domain, js.fingerprint, key, "POST", "/v1/enroll", body)
+    created = not paths.root.exists()
+    if not pending:
+        paths.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        keys.save(key, pending_path)
+    try:
+        _status, headers, resp = pinned_call(
+            js.servers, js.trust_domain, js.fingerprint, key, "POST", "/v1/enroll", body
+        )
+    except (APIError, PeerRejected, ConfigError) as exc:
+        if not isinstance(exc, APIError) or exc.status < 500:  # refused: nothing was spent for this key
+            _drop_pending(pending_path, remove_dir=created)
+        raise
     now = dt.datetime.now(dt.UTC)
     try:
         chain = tuple(certs.load_pem_chain(str(resp["certificate"]).encode(), what="issued certificate"))
@@ -98,8 +124,31 @@ def enroll(
     creds = Credentials(key, chain)
     servers = tuple(str(s) for s in resp.get("servers") or js.servers)
     _write(paths, creds, bundle, AgentIdentity(js.trust_domain, sid.name, servers))
+    for stale in paths.root.glob(".enroll-pending-*.pem"):
+        stale.unlink(missing_ok=True)
+    if pending:
+        log_event(log, "enroll-key-reused", detail="a key saved by an earlier attempt with this join string")
     log_event(log, "enrolled", spiffe_id=str(sid), not_after=creds.not_after, serial=certs.serial_hex(chain[0]))
     return creds
+
+
+def _load_pending(path: Path) -> keys.PrivateKey | None:
+    """The key an earlier attempt with this join string saved, if any."""
+    if not path.is_file():
+        return None
+    try:
+        return keys.load(path, what="pending enrollment key")
+    except ConfigError:
+        path.unlink(missing_ok=True)  # unreadable (a crash mid-write): start over with a new key
+        return None
+
+
+def _drop_pending(path: Path, *, remove_dir: bool) -> None:
+    """Forget the pending key (and the data dir, if it was made only for it)."""
+    with contextlib.suppress(OSError):
+        path.unlink(missing_ok=True)
+        if remove_dir:
+            path.parent.rmdir()  # only if empty
 
 
 def _write(paths: AgentPaths, creds: Credentials, bundle: TrustBundle, ident: AgentIdentity) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import hashlib
 import logging
 import threading
 from typing import Any
@@ -156,6 +157,11 @@ class ControlPlane:
         TLS connection (required: there is no unbound enrollment): the CSR must be for that key, so
         the token is redeemed by whoever proved possession of it in the handshake. Checked
         before the token is looked at: a mismatch spends nothing.
+
+        The same key may repeat a redemption until the token expires (the store records the
+        key's hash): an agent whose server died after the commit and before the answer
+        asks again, on any server, and gets a certificate instead of ``used``. Logged as
+        ``enroll-repeated``.
         """
         if not isinstance(secret, str) or not 20 <= len(secret) <= 128:
             ENROLL_REFUSED.labels(TokenReason.UNKNOWN.value).inc()
@@ -172,14 +178,18 @@ class ControlPlane:
             return self._record(chain, "host", host)
 
         try:
-            token, record = self.store.redeem_token(hash_secret(secret), now, issue)
+            token, record = self.store.redeem_token(
+                hash_secret(secret), now, issue, key=hashlib.sha256(tls_key).hexdigest()
+            )
         except EnrollmentRefused as exc:
             ENROLL_REFUSED.labels(exc.reason.value).inc()
             log_event(log, "enroll-refused", level=logging.WARNING, reason=exc.reason.value, source=source)
             raise
         ISSUED.labels("host").inc()
-        self.audit("token:" + hash_secret(secret)[:12], "enroll", host=token.host, serial=record.serial, source=source)
-        log_event(log, "enrolled", host=token.host, serial=record.serial, source=source)
+        repeated = token.used_at != now
+        fields: dict[str, Any] = {"host": token.host, "serial": record.serial, "source": source}
+        self.audit("token:" + hash_secret(secret)[:12], "enroll-repeated" if repeated else "enroll", **fields)
+        log_event(log, "enroll-repeated" if repeated else "enrolled", **fields)
         return self._issued(issued["chain"])
 
     @staticmethod

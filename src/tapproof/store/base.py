@@ -32,6 +32,8 @@ class TokenRecord:
     expires_at: dt.datetime
     used_at: dt.datetime | None = None
     created_by: str = ""
+    redeemed_key: str = ""
+    """SHA-256 (hex) of the public key (SPKI DER) that redeemed it; "" while unused."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,6 +248,7 @@ class Store(Protocol):
         token_hash: str,
         now: dt.datetime,
         issue: Callable[[str], CertificateRecord],
+        key: str = "",
     ) -> tuple[TokenRecord, CertificateRecord]:
         """Atomically spend a token and record the certificate ``issue(host_name)`` returns.
 
@@ -253,9 +256,17 @@ class Store(Protocol):
         ``EnrollmentRefused(UNKNOWN|EXPIRED|USED|HOST_REVOKED)``; else call
         ``issue(token.host)`` (it signs; if it raises, nothing is changed and
         the token stays unspent), insert the certificate, mark the token used
-        at ``now``, and create or update the host record (``enrolled_at=now``,
-        created if new). Two concurrent redemptions of one token: exactly one
-        succeeds, the other gets ``USED``.
+        at ``now`` by ``key`` (SHA-256 hex of the redeeming public key), and
+        create or update the host record (``enrolled_at=now``, created if new).
+        Two concurrent redemptions of one token: exactly one succeeds, the
+        other gets ``USED``.
+
+        A repeat by the SAME key (non-empty ``key`` equal to the one stored),
+        before the token's expiry and while the host is not revoked, is not
+        refused: the host lost the answer (a server died after the commit), so
+        ``issue`` runs again and the new certificate is recorded; the token
+        keeps its first ``used_at`` (how a caller tells a repeat). Any other
+        key gets ``USED``.
         """
         ...
 

@@ -226,9 +226,16 @@ def _v2_ca_state(conn: sa.Connection) -> None:
         conn.exec_driver_sql(statement.strip().format(**types))
 
 
+def _v3_token_key(conn: sa.Connection) -> None:
+    """Version 3: the SHA-256 of the key that redeemed a token, so the same host can repeat an
+    enrollment whose answer it never received (see ``Store.redeem_token``)."""
+    conn.exec_driver_sql("ALTER TABLE tokens ADD COLUMN redeemed_key VARCHAR(64) NOT NULL DEFAULT ''")
+
+
 MIGRATIONS: list[Migration] = [
     (1, "initial", _v1_initial),
     (2, "ca-state", _v2_ca_state),
+    (3, "token-key", _v3_token_key),
 ]
 """Every migration, in version order."""
 

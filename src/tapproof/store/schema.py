@@ -99,6 +99,7 @@ tokens = sa.Table(
     sa.Column("expires_at", UTCDateTime, nullable=False),
     sa.Column("used_at", UTCDateTime, nullable=True),
     sa.Column("created_by", sa.String(255), nullable=False),
+    sa.Column("redeemed_key", sa.String(64), nullable=False, server_default=""),  # v3
 )
 
 hosts = sa.Table(

@@ -91,6 +91,7 @@ def _token(row: sa.Row[Any]) -> TokenRecord:
         expires_at=m["expires_at"],
         used_at=m["used_at"],
         created_by=m["created_by"],
+        redeemed_key=m["redeemed_key"],
     )
 
 
@@ -430,6 +431,7 @@ class SQLStore:
                     expires_at=token.expires_at,
                     used_at=token.used_at,
                     created_by=token.created_by,
+                    redeemed_key=token.redeemed_key,
                 )
             )
 
@@ -440,12 +442,13 @@ class SQLStore:
         token_hash: str,
         now: dt.datetime,
         issue: Callable[[str], CertificateRecord],
+        key: str = "",
     ) -> tuple[TokenRecord, CertificateRecord]:
         """Atomically spend a token and record the certificate ``issue(host_name)`` returns.
 
-        See :meth:`tapproof.store.base.Store.redeem_token`. A used token is
-        reported as ``USED`` even when it has also expired since. The host
-        record gets its ``spiffe_id`` from the certificate.
+        See :meth:`tapproof.store.base.Store.redeem_token` (including the repeat by the
+        same key). A used token is reported as ``USED`` even when it has also expired
+        since. The host record gets its ``spiffe_id`` from the certificate.
         """
 
         def body(conn: sa.Connection) -> tuple[TokenRecord, CertificateRecord]:
@@ -453,7 +456,8 @@ class SQLStore:
             if row is None:
                 raise EnrollmentRefused(TokenReason.UNKNOWN)
             token = _token(row)
-            if token.used_at is not None:
+            repeat = token.used_at is not None
+            if repeat and not (key and key == token.redeemed_key and now < token.expires_at):
                 raise EnrollmentRefused(TokenReason.USED, f"host {token.host}")
             if now >= token.expires_at:
                 raise EnrollmentRefused(TokenReason.EXPIRED, f"host {token.host}")
@@ -479,8 +483,10 @@ class SQLStore:
                 )
             )
             conn.execute(certificates.insert().values(**_cert_values(cert)))
-            conn.execute(tokens.update().where(tokens.c.token_hash == token_hash).values(used_at=now))
-            return dataclasses.replace(token, used_at=now), cert
+            if repeat:  # the same key again: a new certificate, the token's first use stands
+                return token, cert
+            conn.execute(tokens.update().where(tokens.c.token_hash == token_hash).values(used_at=now, redeemed_key=key))
+            return dataclasses.replace(token, used_at=now, redeemed_key=key), cert
 
         return self._write("redeem token", body)
 
