@@ -38,7 +38,7 @@ from OpenSSL._util import lib as _lib
 
 from tapproof.errors import RemoteProtocolError
 from tapproof.tunnel import mux, preamble
-from tapproof.tunnel.relay import EndReason, RelayResult, Side
+from tapproof.tunnel.relay import EndReason, RelayResult, Side, tls_error_detail
 
 log = logging.getLogger(__name__)
 
@@ -737,14 +737,7 @@ def _ssl_error(op: str, ret: int, err: int) -> str:
         if ret == 0 or saved == 0:
             return f"tls {op}: eof without close_notify"
         return f"tls {op}: {os.strerror(saved)}"
-    parts = []
-    for _ in range(8):
-        code = _lib.ERR_get_error()
-        if code == 0:
-            break
-        reason = _lib.ERR_reason_error_string(code)
-        parts.append(_ffi.string(reason).decode("ascii", "replace") if reason != _ffi.NULL else str(code))
-    return f"tls {op}: {'; '.join(parts) or f'ssl error {err}'}"
+    return f"tls {op}: {tls_error_detail(f'ssl error {err}')}"
 
 
 def run_in_thread(loop: MuxLoop, name: str, after: Callable[[MuxLoop], None]) -> threading.Thread:

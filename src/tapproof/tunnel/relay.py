@@ -84,7 +84,16 @@ from OpenSSL import SSL
 from OpenSSL._util import ffi as _ffi
 from OpenSSL._util import lib as _lib
 
-__all__ = ["DEFAULT_BUFFER_SIZE", "SMALL_BUFFER_SIZE", "EndReason", "Relay", "RelayResult", "Side", "relay"]
+__all__ = [
+    "DEFAULT_BUFFER_SIZE",
+    "SMALL_BUFFER_SIZE",
+    "EndReason",
+    "Relay",
+    "RelayResult",
+    "Side",
+    "relay",
+    "tls_error_detail",
+]
 
 DEFAULT_BUFFER_SIZE = 256 * 1024
 """Bytes per direction buffer once data flows in bulk (>= 64 KiB; 256 KiB measured best)."""
@@ -145,8 +154,8 @@ class _Abort(Exception):
         self.detail = detail
 
 
-def _tls_error_detail() -> str:
-    """Drain the thread's OpenSSL error queue into a short string."""
+def tls_error_detail(default: str = "tls error") -> str:
+    """Drain the thread's OpenSSL error queue into a short string (``default`` if it was empty)."""
     parts: list[str] = []
     for _ in range(16):
         code = _lib.ERR_get_error()
@@ -154,7 +163,7 @@ def _tls_error_detail() -> str:
             break
         reason = _lib.ERR_reason_error_string(code)
         parts.append(_ffi.string(reason).decode("ascii", "replace") if reason != _ffi.NULL else str(code))
-    return "; ".join(parts) or "tls error"
+    return "; ".join(parts) or default
 
 
 def _set_linger0(sock: Any) -> None:
@@ -470,7 +479,7 @@ class Relay:
             if _lib.ERR_GET_REASON(code) == _lib.SSL_R_UNEXPECTED_EOF_WHILE_READING:
                 _lib.ERR_clear_error()
                 raise _Abort(EndReason.TLS_ERROR, Side.TLS, f"tls {op}: eof without close_notify")
-            detail = _tls_error_detail()
+            detail = tls_error_detail()
             if code == 0 and saved in _RESET_ERRNOS:
                 raise _Abort(EndReason.PEER_RESET, Side.TLS, f"tls {op}: {os.strerror(saved)}")
             raise _Abort(EndReason.TLS_ERROR, Side.TLS, f"tls {op}: {detail}")
