@@ -19,6 +19,7 @@ import pytest
 
 from tapproof.errors import Conflict, EnrollmentRefused, NotFound, TokenReason
 from tapproof.store.base import (
+    REPEAT_WINDOW,
     CertificateRecord,
     CertKind,
     PolicyRuleRecord,
@@ -266,6 +267,39 @@ def test_redeem_repeated_by_the_same_key_until_expiry(store: Store) -> None:
     with pytest.raises(EnrollmentRefused) as info:
         store.redeem_token("t1", T0 + 5 * MIN, issuer("06"), key=key_a)
     assert info.value.reason is TokenReason.HOST_REVOKED
+
+
+def _long_token(h: str, host: str = "web1") -> TokenRecord:
+    return dataclasses.replace(token(h, host), expires_at=T0 + 24 * HOUR)
+
+
+def test_a_repeat_cannot_undo_a_revocation_or_outlive_its_window(store: Store) -> None:
+    key = "c" * 64
+    # a long-lived token: the repeat window, not the token's expiry, ends it
+    store.add_token(_long_token("t1", "web1"))
+    store.redeem_token("t1", T0, issuer("11"), key=key)
+    store.redeem_token("t1", T0 + REPEAT_WINDOW - MIN, issuer("12"), key=key)
+    with pytest.raises(EnrollmentRefused) as info:
+        store.redeem_token("t1", T0 + REPEAT_WINDOW, issuer("13"), key=key)
+    assert info.value.reason is TokenReason.USED
+    # a certificate issued since the first use was revoked: the key may not get a fresh one
+    store.add_token(_long_token("t2", "web2"))
+    store.redeem_token("t2", T0, lambda host: cert("21", host), key=key)
+    store.revoke_certificate("21", T0 + MIN)
+    with pytest.raises(EnrollmentRefused) as info:
+        store.redeem_token("t2", T0 + 2 * MIN, lambda host: cert("22", host), key=key)
+    assert info.value.reason is TokenReason.USED
+    # the host was enrolled again with a later token: the older one cannot be repeated
+    store.add_token(_long_token("t3", "web3"))
+    store.add_token(_long_token("t4", "web3"))
+    store.redeem_token("t3", T0, lambda host: cert("31", host), key=key)
+    store.redeem_token("t4", T0 + MIN, lambda host: cert("41", host), key="d" * 64)
+    with pytest.raises(EnrollmentRefused) as info:
+        store.redeem_token("t3", T0 + 2 * MIN, lambda host: cert("32", host), key=key)
+    assert info.value.reason is TokenReason.USED
+    for serial in ("13", "22", "32"):
+        with pytest.raises(NotFound):
+            store.get_certificate(serial)
 
 
 def test_redeem_for_revoked_host(store: Store) -> None:

@@ -11,10 +11,11 @@ The key is saved (0600, ``.enroll-pending-*.pem`` in the data dir, named after
 the join token's hash) just before the secret is sent, and reused by the next
 ``enroll`` with the same join string: if a server dies after it spent the token
 and before it answered, the retry (on another server, or after a restart)
-repeats the redemption with the same key, which the server accepts until the
-token expires. The file is removed once the enrollment is written, and when
-the server refused it (a 4xx answer: the token was not spent for this key); it
-stays only when the outcome is unknown.
+repeats the redemption with the same key, which the server accepts for 10
+minutes after the first use (see ``Store.redeem_token`` for the limits). The
+file is removed once the enrollment is written, and when the server refused it
+(a 4xx answer: the token was not spent for this key); it stays only when the
+outcome is unknown.
 
 Clock skew (:mod:`tapproof.agent.clockskew`) is measured twice: on a
 ``GET /v1/bundle`` before the join secret is sent (a refusal then keeps the

@@ -158,9 +158,11 @@ class ControlPlane:
         the token is redeemed by whoever proved possession of it in the handshake. Checked
         before the token is looked at: a mismatch spends nothing.
 
-        The same key may repeat a redemption until the token expires (the store records the
-        key's hash): an agent whose server died after the commit and before the answer
-        asks again, on any server, and gets a certificate instead of ``used``. Logged as
+        The same key may repeat a redemption for :data:`~tapproof.store.base.REPEAT_WINDOW`
+        after the first use (the store records the key's hash; never past the token's
+        expiry, nor once a certificate issued since was revoked or a later token enrolled
+        the host): an agent whose server died after the commit and before the answer asks
+        again, on any server, and gets a certificate instead of ``used``. Logged as
         ``enroll-repeated``.
         """
         if not isinstance(secret, str) or not 20 <= len(secret) <= 128:

@@ -22,6 +22,10 @@ CertKind = Literal["host", "server", "admin", "intermediate"]
 RootState = Literal["active", "prepared", "retiring"]
 
 
+REPEAT_WINDOW = dt.timedelta(minutes=10)
+"""How long after a token's first use its redeeming key may repeat the redemption (never past expiry)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class TokenRecord:
     """A join token; only the SHA-256 of its secret is stored (hex)."""
@@ -262,11 +266,14 @@ class Store(Protocol):
         other gets ``USED``.
 
         A repeat by the SAME key (non-empty ``key`` equal to the one stored),
-        before the token's expiry and while the host is not revoked, is not
-        refused: the host lost the answer (a server died after the commit), so
-        ``issue`` runs again and the new certificate is recorded; the token
-        keeps its first ``used_at`` (how a caller tells a repeat). Any other
-        key gets ``USED``.
+        within :data:`REPEAT_WINDOW` of the first use and before the token's
+        expiry, is not refused: the host lost the answer (a server died after
+        the commit), so ``issue`` runs again and the new certificate is
+        recorded; the token keeps its first ``used_at`` (how a caller tells a
+        repeat). It is ``USED`` instead for any other key, or once the host was
+        enrolled by a later token or one of its certificates issued since the
+        first use was revoked (a revocation must not be undone by a repeat);
+        ``HOST_REVOKED`` if the host was revoked.
         """
         ...
 

@@ -44,6 +44,7 @@ from tapproof.errors import (
 )
 from tapproof.store import migrations
 from tapproof.store.base import (
+    REPEAT_WINDOW,
     AuditEntry,
     CARequestRecord,
     CAServerRecord,
@@ -457,8 +458,10 @@ class SQLStore:
                 raise EnrollmentRefused(TokenReason.UNKNOWN)
             token = _token(row)
             repeat = token.used_at is not None
-            if repeat and not (key and key == token.redeemed_key and now < token.expires_at):
-                raise EnrollmentRefused(TokenReason.USED, f"host {token.host}")
+            if repeat and not self._may_repeat(conn, token, key, now):
+                revoked = conn.execute(sa.select(hosts.c.revoked_at).where(hosts.c.name == token.host)).scalar()
+                reason = TokenReason.USED if revoked is None else TokenReason.HOST_REVOKED
+                raise EnrollmentRefused(reason, f"host {token.host}")
             if now >= token.expires_at:
                 raise EnrollmentRefused(TokenReason.EXPIRED, f"host {token.host}")
             host_row = conn.execute(
@@ -489,6 +492,22 @@ class SQLStore:
             return dataclasses.replace(token, used_at=now, redeemed_key=key), cert
 
         return self._write("redeem token", body)
+
+    @staticmethod
+    def _may_repeat(conn: sa.Connection, token: TokenRecord, key: str, now: dt.datetime) -> bool:
+        """A used token's redemption repeated: only by its key, soon, and if nothing revoked or replaced it."""
+        used = token.used_at
+        if used is None or not key or key != token.redeemed_key:
+            return False
+        if now >= token.expires_at or now >= used + REPEAT_WINDOW:
+            return False
+        revoked_since = sa.select(certificates.c.serial).where(
+            certificates.c.host == token.host, certificates.c.issued_at >= used, certificates.c.revoked_at.is_not(None)
+        )
+        later_token = sa.select(tokens.c.token_hash).where(tokens.c.host == token.host, tokens.c.used_at > used)
+        if conn.execute(revoked_since.limit(1)).first() is not None:
+            return False
+        return conn.execute(later_token.limit(1)).first() is None
 
     def list_tokens(self, *, include_used: bool = False) -> list[TokenRecord]:
         """Tokens, newest first (unused ones only unless ``include_used``)."""
