@@ -5,7 +5,8 @@ worker (one thread per connection; the relay's C calls release the GIL).
 A handler may also offer a ``fast`` path, tried in the accept loop itself: it
 takes the connection only when it can do so without blocking (an agent with a
 ready mux connection hands the socket to that connection's event loop), and
-saves the thread start that otherwise bounds how fast one loop accepts. A
+saves the thread start that otherwise bounds how fast one loop accepts (such
+connections hold no worker slot: the mux connection's stream cap bounds them). A
 bounded number of workers caps memory under a connection flood: past it, a
 new connection is closed at once and reported (reason ``too-many-connections``).
 Used by the agent's listeners and the control plane's API server.

@@ -48,6 +48,8 @@ __all__ = ["IDLE_CLOSE", "NO_MUX_RETRY", "POOL_SIZE", "MuxPool"]
 POOL_SIZE = 2
 IDLE_CLOSE = 30.0
 NO_MUX_RETRY = 300.0
+GROW_RETRY = 5.0
+"""Seconds after a failed background dial before the next one (no dial per accepted connection)."""
 DIRECTION = "outbound"
 
 
@@ -72,6 +74,7 @@ class _Peer:
     conns: list[_Client] = dataclasses.field(default_factory=list)
     connecting: int = 0
     no_mux_until: float = 0.0
+    grow_after: float = 0.0  # a background dial failed: none before this (monotonic)
 
 
 def _reset(sock: socket.socket) -> None:
@@ -154,7 +157,8 @@ class MuxPool:
             best = min(peer.conns, key=lambda c: c.load, default=None)
             if best is None:
                 return False
-            if best.load > 0 and len(peer.conns) + peer.connecting < self.size:
+            now = time.monotonic()
+            if best.load > 0 and len(peer.conns) + peer.connecting < self.size and now >= peer.grow_after:
                 peer.connecting += 1
                 threading.Thread(
                     target=self._grow, args=(rt, host, material, fields), name=f"mux-dial-{host}", daemon=True
@@ -177,6 +181,8 @@ class MuxPool:
                 peer.conns.append(client)
             elif failed is None:
                 peer.no_mux_until = time.monotonic() + NO_MUX_RETRY
+            else:
+                peer.grow_after = time.monotonic() + GROW_RETRY
         if failed is not None:
             log_event(
                 log,
