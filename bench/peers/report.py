@@ -66,6 +66,10 @@ def _med(summary: dict[str, dict[str, dict[str, float]]], name: str, key: str) -
     return summary.get(name, {}).get(key, {}).get("median")
 
 
+_KEYS = (("tapproof", ("tapproof", "met")), ("tapproof-mux", ("tapproof_mux", "mux_met")))
+"""Each tapproof setup and the keys of its value and verdict in a target row."""
+
+
 def targets(
     summary: dict[str, dict[str, dict[str, float]]], groups: dict[str, Any], steps: list[int]
 ) -> list[dict[str, Any]]:
@@ -90,7 +94,7 @@ def targets(
     def add(what: str, need: float | None, peer: str, value: Any, ok: Any) -> None:
         """``value(name)`` and ``ok(v)`` per tapproof setup."""
         row: dict[str, Any] = {"target": what, "needed": need, "best_peer": peer}
-        for name, (vkey, mkey) in (("tapproof", ("tapproof", "met")), ("tapproof-mux", ("tapproof_mux", "mux_met"))):
+        for name, (vkey, mkey) in _KEYS:
             v = value(name) if name in mine else None
             row[vkey] = v
             row[mkey] = None if v is None else ok(v)
@@ -143,13 +147,16 @@ def targets(
             lambda v: v <= 64.0,
         )
     add("4-stream run uses > 1 core", 1.0, "-", lambda n: _med(summary, n, "cores_4_streams"), lambda v: v > 1.0)
-    for name, (vkey, mkey) in (("tapproof", ("tapproof", "met")), ("tapproof-mux", ("tapproof_mux", "mux_met"))):
+    row: dict[str, Any] = {"target": "X25519MLKEM768 negotiated (and nothing else)", "needed": None}
+    every: set[str] = set()
+    for name, (vkey, mkey) in _KEYS:
         g = groups.get(name, {})
         seen = sorted(set(g.get("capture", []) or []) | set(g.get("log", []) or []))
-        if name == "tapproof":
-            rows.append({"target": "X25519MLKEM768 negotiated", "needed": None, "best_peer": ", ".join(seen) or "-"})
-        rows[-1][vkey] = None
-        rows[-1][mkey] = ("X25519MLKEM768" in seen and seen == ["X25519MLKEM768"]) if seen else None
+        every.update(seen)
+        row[vkey] = None
+        row[mkey] = (seen == ["X25519MLKEM768"]) if name in mine and seen else None
+    row["best_peer"] = ", ".join(sorted(every)) or "-"
+    rows.append(row)
     return rows
 
 
