@@ -420,6 +420,22 @@ def echo_roundtrip(addr: tuple[str, int], size: int, timeout: float = 120) -> tu
     return sent_hash.hexdigest(), recv_hash.hexdigest(), received
 
 
+def ends_without_data(addr: tuple[str, int], *, reset_only: bool = False) -> bool:
+    """Connect, send a line, expect the connection to end without one byte back.
+
+    A reset counts wherever it lands: the agent may refuse (RST) before ``connect()`` has even
+    returned on a busy machine, or before the line is written. A clean EOF counts unless
+    ``reset_only``; any byte back is a failure.
+    """
+    try:
+        with socket.create_connection(addr, timeout=15) as s:
+            s.sendall(b"hello\n")
+            data = s.recv(100)
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+    return data == b"" and not reset_only
+
+
 # --- two agents ------------------------------------------------------------------------------
 def refused(agent: AgentProc, reason: str, timeout: float = 10) -> dict[str, Any]:
     """Wait for ``agent``'s ``tunnel-refused`` line with ``reason``; also require its refusal metric."""

@@ -35,17 +35,6 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[procs.AgentPair]
         f.close()
 
 
-def _reset_without_data(addr: tuple[str, int]) -> bool:
-    """Connect, send a line, expect an RST (never a clean EOF) without one byte back."""
-    with socket.create_connection(addr, timeout=15) as s:
-        try:
-            s.sendall(b"hello\n")
-            s.recv(100)  # b"" (a clean EOF) or bytes: both wrong
-        except ConnectionResetError:
-            return True
-        return False
-
-
 def test_many_concurrent_streams_carry_bytes_intact_both_ways(fleet: procs.AgentPair) -> None:
     sizes = [1, 1000, 70_000, 300_000, 2_000_000] * 8
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
@@ -75,7 +64,7 @@ def test_half_close_keeps_the_other_direction_open(fleet: procs.AgentPair) -> No
 
 
 def test_refused_open_resets_the_application(fleet: procs.AgentPair) -> None:
-    assert _reset_without_data(fleet.route("nosuch"))
+    assert procs.ends_without_data(fleet.route("nosuch"), reset_only=True)
     ev = procs.refused(fleet.b, "unknown-service")
     assert ev["status"] == 502
     assert ev["mux"]
@@ -90,7 +79,7 @@ def test_policy_denies_one_stream_and_not_the_others(fleet: procs.AgentPair) -> 
         with socket.create_connection(fleet.route("echo"), timeout=15) as live:
             live.sendall(b"ping")
             assert live.recv(4) == b"ping"
-            assert _reset_without_data(fleet.route("echo2"))
+            assert procs.ends_without_data(fleet.route("echo2"), reset_only=True)
             ev = procs.refused(fleet.b, "policy-denied")
             assert ev["peer"] == "spiffe://example.org/host/a"
             assert ev["status"] == 403
@@ -163,7 +152,7 @@ def test_revocation_closes_the_mux_connections_and_their_streams(fleet: procs.Ag
             10,
             "b to close r's mux connection",
         )
-        assert _reset_without_data(r.route())  # and a new one is refused
+        assert procs.ends_without_data(r.route(), reset_only=True)  # and a new one is refused
     finally:
         r.stop()
 

@@ -46,16 +46,6 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[procs.AgentPair]
         f.close()
 
 
-def _closed_without_data(addr: tuple[str, int]) -> bool:
-    """Connect, send a line, expect the connection to end without one byte back."""
-    with socket.create_connection(addr, timeout=15) as s:
-        try:
-            s.sendall(b"hello\n")
-            return s.recv(100) == b""
-        except ConnectionResetError:
-            return True
-
-
 # --- data ------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_route_carries_64mib_each_way_intact(fleet: procs.AgentPair) -> None:
@@ -184,7 +174,7 @@ def test_policy_deny_closes_the_application_connection(fleet: procs.AgentPair) -
     rule = out.split()[1]
     try:
         procs.wait_for(lambda: fleet.b.status()["policy"]["rules"] >= 1, 10, "b to learn the deny rule")
-        assert _closed_without_data(fleet.route("echo2"))
+        assert procs.ends_without_data(fleet.route("echo2"))
         ev = procs.refused(fleet.b, "policy-denied")
         assert ev["peer"] == "spiffe://example.org/host/a"
         assert ev["status"] == 403
@@ -197,7 +187,7 @@ def test_policy_deny_closes_the_application_connection(fleet: procs.AgentPair) -
 
 
 def test_unknown_service_gets_502(fleet: procs.AgentPair) -> None:
-    assert _closed_without_data(fleet.route("nosuch"))
+    assert procs.ends_without_data(fleet.route("nosuch"))
     ev = procs.refused(fleet.b, "unknown-service")
     assert ev["status"] == 502
     procs.refused(fleet.a, "remote-unavailable")
@@ -223,7 +213,7 @@ def test_revoked_peer_is_cut_off_and_refused(fleet: procs.AgentPair) -> None:
         assert gone
         assert cut_after < 10, f"live tunnel of a revoked peer survived {cut_after:.1f}s"
         # a new tunnel from r is refused by b (r's serial and host are revoked)
-        assert _closed_without_data(r.route())
+        assert procs.ends_without_data(r.route())
         procs.wait_for(  # b logs the refusal just after r sees the close
             lambda: "revoked" in {e.get("reason") for e in fleet.b.events("tunnel-refused")}, 10, "b to log revoked"
         )
