@@ -8,6 +8,8 @@ import os
 import socket
 import ssl
 import stat
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -82,6 +84,84 @@ def test_new_user_flow(server: Server, tmp_path: Path) -> None:
     uris = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert uris.get_values_for_type(x509.UniformResourceIdentifier) == ["spiffe://example.org/host/web-1"]
     assert "enrolled" in server.log()
+
+
+def test_join_string_from_a_file_stdin_or_the_environment(server: Server, tmp_path: Path) -> None:
+    """--join-file PATH, --join-file - and $TAPPROOF_JOIN enroll like --join, and keep the secret out of ``ps``."""
+    cli = [sys.executable, "-m", "tapproof", "agent", "enroll", "--data-dir"]
+    f = tmp_path / "join"
+    f.write_text(server.token("from-file") + "\n")
+    res = tapproof("agent", "enroll", "--data-dir", str(tmp_path / "f"), "--join-file", str(f))
+    assert res.returncode == 0, res.stderr
+    assert "host/from-file" in res.stdout
+    res = subprocess.run(
+        [*cli, str(tmp_path / "s"), "--join-file", "-"],
+        input=server.token("from-stdin"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert res.returncode == 0, res.stderr
+    assert "host/from-stdin" in res.stdout
+    env = {**os.environ, "TAPPROOF_JOIN": server.token("from-env")}
+    res = subprocess.run(
+        [*cli, str(tmp_path / "e")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        stdin=subprocess.DEVNULL,
+    )
+    assert res.returncode == 0, res.stderr
+    assert "host/from-env" in res.stdout
+
+
+def test_agent_run_reads_the_join_file_only_when_not_enrolled(server: Server, tmp_path: Path) -> None:
+    f = tmp_path / "join"
+    f.write_text(server.token("run-file"))
+    a = procs.start_agent(tmp_path / "a", None, "--join-file", str(f))
+    try:
+        assert a.status()["spiffe_id"].endswith("/host/run-file")
+    finally:
+        assert a.stop() == 0
+    f.unlink()  # a Secret removed after enrollment: the next start must not care
+    a = procs.start_agent(tmp_path / "a", None, "--join-file", str(f))
+    try:
+        assert a.events("join-ignored")
+    finally:
+        assert a.stop() == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--join-file", "{missing}"], "cannot read"),
+        (["--join-file", "{empty}"], "empty join string"),
+        (["--join-file", "{two}"], "several words"),
+        ([], "give the join string"),
+        (["--join", "x", "--join-file", "{empty}"], "not allowed with argument"),
+    ],
+)
+def test_join_string_errors_change_nothing(tmp_path: Path, args: list[str], message: str) -> None:
+    (tmp_path / "empty").write_text(" \n")
+    (tmp_path / "two").write_text("tpj1.a tpj1.b\n")
+    paths = {"missing": str(tmp_path / "missing"), "empty": str(tmp_path / "empty"), "two": str(tmp_path / "two")}
+    env = {k: v for k, v in os.environ.items() if k != "TAPPROOF_JOIN"}
+    res = subprocess.run(
+        [sys.executable, "-m", "tapproof", "agent", "enroll", "--data-dir", str(tmp_path / "a")]
+        + [a.format(**paths) for a in args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        stdin=subprocess.DEVNULL,
+    )
+    assert res.returncode == 2, res.stderr
+    assert message in res.stderr
+    assert not (tmp_path / "a").exists()
 
 
 def test_token_create_prints_only_the_join_string(server: Server) -> None:

@@ -166,8 +166,9 @@ def test_agent_matches_the_cli_and_defaults() -> None:
     ds = find("DaemonSet", "tapproof-agent")
     by_name = {c["name"]: c for c in containers(ds)}
     agent = by_name["agent"]
-    ns = build_parser().parse_args([*agent_argv(agent), "--join", "x"])
+    ns = build_parser().parse_args(agent_argv(agent))
     assert (ns.command, ns.agent_command, ns.transparent, ns.mode) == ("agent", "run", True, "strict")
+    assert ns.join_file == "/join/$NODE_NAME"  # read only on the first start, never on the command line
     settings = env(agent)
     raw = {
         k.removeprefix("TAPPROOF_").lower(): v.replace("$(HOST_IP)", "10.0.0.5")

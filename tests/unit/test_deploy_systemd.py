@@ -146,7 +146,7 @@ def test_example_settings_are_valid() -> None:
         if line.startswith("TAPPROOF_"):
             key = line.split("=", 1)[0].removeprefix("TAPPROOF_").lower()
             assert key in server_config._KEYS, key
-    assert 'AGENT_ARGS="--join ' in (SYSTEMD / "agent.env.example").read_text()
+    assert "\nTAPPROOF_JOIN=tpj1." in (SYSTEMD / "agent.env.example").read_text()  # never --join: visible in ps
 
 
 def test_sysusers_and_tmpfiles_apply_in_a_scratch_root(tmp_path: Path) -> None:

@@ -43,6 +43,7 @@ import logging
 import os
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -448,15 +449,22 @@ def _default_advertise(bound: str) -> str:
     return format_hostport(host, port)
 
 
-def run(data_dir: Path, join: str | None, config_file: Path | None, overrides: dict[str, Any]) -> int:
-    """Enroll if needed, then run the agent until SIGTERM; return the exit code."""
+def run(data_dir: Path, join: Callable[[], str] | None, config_file: Path | None, overrides: dict[str, Any]) -> int:
+    """Enroll if needed, then run the agent until SIGTERM; return the exit code.
+
+    ``join`` (None when no join string was given) reads the join string; it is called only when the
+    data dir is not enrolled yet, so a join file that is gone after enrollment does not matter.
+    """
     cfg = agent_config.load(config_file, overrides)  # check everything before enrolling
     paths = AgentPaths(Path(data_dir))
     if not paths.enrolled():
-        if not join:
-            raise ConfigError(f"--data-dir: {paths.root} is not enrolled: give --join JOIN_STRING on the first start")
-        enroll(paths.root, join, max_clock_skew=dt.timedelta(seconds=cfg.max_clock_skew))
-    elif join:
+        if join is None:
+            raise ConfigError(
+                f"--data-dir: {paths.root} is not enrolled: "
+                "give --join, --join-file or $TAPPROOF_JOIN on the first start"
+            )
+        enroll(paths.root, join(), max_clock_skew=dt.timedelta(seconds=cfg.max_clock_skew))
+    elif join is not None:
         log_event(log, "join-ignored", reason="data dir already enrolled", data_dir=str(paths.root))
     fd_limit = raise_limits()  # 10,000 tunnels need 20,000 descriptors and 10,000 threads
     log_event(log, "process-limits", open_files=fd_limit, thread_stack=STACK_SIZE)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,7 @@ from tapproof.agent.config import (
     DEFAULT_LISTEN_TUNNEL,
     DEFAULT_TRANSPARENT_PORT,
 )
+from tapproof.errors import ConfigError
 from tapproof.pki import certs
 from tapproof.units import parse_duration
 
@@ -23,13 +26,57 @@ _SKEW_HELP = (
 )
 
 
+JOIN_ENV = "TAPPROOF_JOIN"
+_JOIN_FILE_HELP = (
+    "read the join string from this file ('-' for stdin) instead of --join, so it never shows in `ps`; "
+    f"without either, the {JOIN_ENV} variable is used"
+)
+
+
+def _add_join(sp: argparse.ArgumentParser, help_join: str) -> None:
+    g = sp.add_mutually_exclusive_group()
+    g.add_argument("--join", help=help_join)
+    g.add_argument("--join-file", metavar="PATH", help=_JOIN_FILE_HELP)
+
+
+def join_given(args: argparse.Namespace) -> bool:
+    """True if a join string was given in any of the three ways (without reading a file)."""
+    return args.join is not None or args.join_file is not None or JOIN_ENV in os.environ
+
+
+def join_string(args: argparse.Namespace) -> str:
+    """The join string from ``--join``, ``--join-file`` (``-``: stdin) or ``$TAPPROOF_JOIN``.
+
+    None given, or one given but empty, is a :class:`ConfigError`: never "no join string" by accident.
+    """
+    text: str
+    if args.join is not None:
+        where, text = "--join", str(args.join)
+    elif args.join_file is not None:
+        where = f"--join-file {args.join_file}"
+        try:
+            text = sys.stdin.read() if args.join_file == "-" else Path(args.join_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{where}: cannot read: {getattr(exc, 'strerror', None) or exc}") from exc
+    elif JOIN_ENV in os.environ:
+        where, text = JOIN_ENV, os.environ[JOIN_ENV]
+    else:
+        raise ConfigError(f"give the join string: --join, --join-file PATH or ${JOIN_ENV}")
+    text = text.strip()
+    if not text:
+        raise ConfigError(f"{where}: empty join string")
+    if len(text.split()) != 1:
+        raise ConfigError(f"{where}: expected one join string, found several words")
+    return text
+
+
 def register(sub: Any) -> None:
     """Add ``agent`` and its subcommands."""
     p = sub.add_parser("agent", help="the per-host agent")
     asub = p.add_subparsers(dest="agent_command", metavar="SUBCOMMAND", required=True)
     sp = asub.add_parser("enroll", help="enroll this host with a join string")
     sp.add_argument("--data-dir", required=True, type=Path, help="the agent's data directory")
-    sp.add_argument("--join", required=True, help="join string from `tapproof server token create`")
+    _add_join(sp, "join string from `tapproof server token create` (visible in `ps`: see --join-file)")
     sp.add_argument("--max-clock-skew", default="5m", help=_SKEW_HELP)
     sp.set_defaults(func=cmd_enroll)
 
@@ -41,7 +88,7 @@ def register(sub: Any) -> None:
         "flag given on the command line replaces the file's list.",
     )
     sp.add_argument("--data-dir", required=True, type=Path, help="the agent's data directory")
-    sp.add_argument("--join", help="join string: enrolls on the first start (ignored once enrolled)")
+    _add_join(sp, "join string: enrolls on the first start (ignored once enrolled; visible in `ps`: see --join-file)")
     sp.add_argument("--config", type=Path, help="TOML file with the settings below (re-read on SIGHUP)")
     sp.add_argument("--listen-tunnel", help=f"HOST:PORT of the tunnel port (default {DEFAULT_LISTEN_TUNNEL})")
     sp.add_argument("--advertise", help="HOST:PORT peers dial (default: the tunnel address, 127.0.0.1 for 0.0.0.0)")
@@ -119,7 +166,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     """Enroll and print the identity obtained."""
     skew = dt.timedelta(0) if args.max_clock_skew.strip() in ("0", "0s") else None
     skew = skew if skew is not None else parse_duration(args.max_clock_skew, what="--max-clock-skew")
-    creds = enrollment.enroll(args.data_dir, args.join, max_clock_skew=skew)
+    creds = enrollment.enroll(args.data_dir, join_string(args), max_clock_skew=skew)
     print(f"identity:   {creds.spiffe_id}")
     print(f"serial:     {certs.serial_hex(creds.leaf)}")
     print(f"not after:  {creds.not_after:%Y-%m-%d %H:%M:%S} UTC")
@@ -154,4 +201,5 @@ def cmd_run(args: argparse.Namespace) -> int:
         "mux": args.mux,
         "expiry_warn": args.expiry_warn,
     }
-    return daemon.run(args.data_dir, args.join, args.config, overrides)
+    join = (lambda: join_string(args)) if join_given(args) else None
+    return daemon.run(args.data_dir, join, args.config, overrides)
