@@ -25,11 +25,13 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from tapproof.control import config as server_config
+from tapproof.control.client import tls_alert
+from tapproof.errors import PeerReason, PeerRejected, TapproofError, TransportError
 from tapproof.units import format_duration
 from tests.helpers import free_port
 
@@ -89,6 +91,43 @@ def wait_for(cond: Any, timeout: float, what: str, step: float = 0.1) -> Any:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(step)
+
+
+_DROPPED = ("Unexpected EOF", "ECONNRESET", "EPIPE", "ETIMEDOUT")
+T = TypeVar("T")
+
+
+def unanswered(exc: BaseException) -> bool:
+    """Whether a control-plane call failed with no answer at all: connect, handshake or read timed out
+    or the connection dropped (e.g. a loaded machine missed the server's 5 s handshake deadline).
+    A refusal is an answer and is False here: an HTTP error status, a TLS alert, a certificate check."""
+    if tls_alert(exc):
+        return False
+    if isinstance(exc, TransportError):
+        return True
+    return (
+        isinstance(exc, PeerRejected)
+        and exc.reason is PeerReason.HANDSHAKE_FAILED
+        and any(s in str(exc) for s in _DROPPED)
+    )
+
+
+def retry_unanswered(fn: Callable[[], T], failures: list[str], attempts: int = 3) -> T:
+    """``fn()``, called again (``attempts`` calls at most) while it fails with no answer (:func:`unanswered`).
+
+    Each failure retried is appended to ``failures`` (thread-safe), so that the test can bound what a
+    lost answer may have added on the server (the request may have been served). Use only for calls
+    that are safe to repeat, such as an enrollment with the same pending key.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except TapproofError as exc:
+            if attempt == attempts or not unanswered(exc):
+                raise
+            failures.append(repr(exc))
+            time.sleep(0.5 * attempt)
+    raise AssertionError("not reached")
 
 
 # --- control plane -----------------------------------------------------------------------
