@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from tapproof.agent.enroll import enroll
 from tapproof.agent.renew import client_for, renew
@@ -186,12 +187,16 @@ def test_reused_token_refused_and_nothing_written(server: Server, tmp_path: Path
 def test_concurrent_redemption_exactly_one(server: Server, tmp_path: Path) -> None:
     join = server.token("race")
     results: list[object] = []
+    winners: list[bytes] = []  # the key of every certificate handed out
+    retried: list[str] = []  # attempts that got no answer, repeated with the same pending key
     lock = threading.Lock()
 
     def one(i: int) -> None:
         try:
-            enroll(tmp_path / f"a{i}", join)
+            creds = procs.retry_unanswered(lambda: enroll(tmp_path / f"a{i}", join), retried)
             r: object = "ok"
+            with lock:
+                winners.append(creds.leaf.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo))
         except TapproofError as exc:
             r = exc
         with lock:
@@ -201,11 +206,16 @@ def test_concurrent_redemption_exactly_one(server: Server, tmp_path: Path) -> No
     for t in threads:
         t.start()
     for t in threads:
-        t.join(60)
+        t.join(120)
+    assert len(results) == 20
     assert results.count("ok") == 1
+    assert len(set(winners)) == 1
     refused = [r for r in results if r != "ok"]
     assert all(isinstance(r, APIError) and r.code == "used-token" for r in refused), refused
-    assert sum(1 for i in range(20) if (tmp_path / f"a{i}").exists()) == 1
+    assert sum(1 for i in range(20) if AgentPaths(tmp_path / f"a{i}").enrolled()) == 1
+    for i in range(20):  # a refused agent's dir holds nothing (a retry may leave it empty)
+        d = tmp_path / f"a{i}"
+        assert AgentPaths(d).enrolled() or not d.exists() or not any(d.iterdir()), sorted(d.iterdir())
 
 
 @pytest.mark.slow
@@ -432,7 +442,11 @@ def test_only_enrollment_and_bundle_are_public(server: Server, tmp_path: Path) -
     before = _metric(server, "tapproof_server_handshakes_failed_total", reason="no-certificate")
     with pytest.raises((TransportError, PeerRejected)):  # no client certificate: the handshake fails
         anonymous.get("/v1/bundle")
-    assert _metric(server, "tapproof_server_handshakes_failed_total", reason="no-certificate") == before + 1
+    procs.wait_for(
+        lambda: _metric(server, "tapproof_server_handshakes_failed_total", reason="no-certificate") == before + 1,
+        10,
+        "the no-certificate refusal counted",
+    )
 
     def bootstrap_ctx() -> SSL.Context:  # a self-signed certificate, as an enrolling agent presents
         ctx = context.client_context(None, bundle)
