@@ -74,7 +74,7 @@ class Setup:
         self.procs.stop_all()
 
     def _ports(self) -> tuple[dict[str, int], dict[str, int]]:
-        return {s: free_port() for s in SERVICES}, {s: free_port() for s in SERVICES}
+        return {s: free_port(hold=False) for s in SERVICES}, {s: free_port(hold=False) for s in SERVICES}
 
     def _wait(self, ports: dict[str, int], proc: Any, what: str) -> None:
         for port in ports.values():

@@ -102,7 +102,7 @@ def machine() -> dict[str, Any]:
 
 def start_iperf_server(procs: Procs, log: Path) -> int:
     """An ``iperf3 -s`` on 127.0.0.1; its port."""
-    port = free_port()
+    port = free_port(hold=False)
     proc = procs.spawn(["iperf3", "-s", "-B", "127.0.0.1", "-p", str(port)], log)
     wait_listening(port, proc, "iperf3 -s")
     return port

@@ -46,8 +46,13 @@ def test_many_concurrent_streams_carry_bytes_intact_both_ways(fleet: procs.Agent
     assert 1 <= fleet.a.metric("tapproof_agent_mux_connections", direction="outbound") <= 2
     assert fleet.a.metric("tapproof_agent_mux_streams_total", direction="outbound", result="opened") >= len(sizes)
     assert fleet.b.metric("tapproof_agent_mux_streams_total", direction="inbound", result="opened") >= len(sizes)
-    closed = [e for e in fleet.b.events("tunnel-closed") if e.get("mux")]
-    assert len(closed) >= len(sizes)
+
+    # b logs a stream's end just after the last byte leaves it: wait for the last lines
+    def all_closed() -> list[dict[str, object]] | None:
+        lines = [e for e in fleet.b.events("tunnel-closed") if e.get("mux")]
+        return lines if len(lines) >= len(sizes) else None
+
+    closed = procs.wait_for(all_closed, 15, "b's tunnel-closed lines for every stream")
     assert all(e["end"] == "clean" for e in closed[-len(sizes) :])
     assert all(e["group"] == "X25519MLKEM768" for e in fleet.a.events("mux-opened"))
     assert all(re.fullmatch(r"127\.0\.0\.1:\d+", e["address"]) for e in fleet.a.events("mux-opened"))  # host:port

@@ -134,11 +134,29 @@ def server_hello_groups(pcap: Path) -> list[int]:
     return [int(v, 0) for line in res.stdout.split() for v in line.split(",") if v]
 
 
-def client_hellos(pcap: Path) -> int:
-    """How many TLS ClientHellos ``pcap`` holds (each TLS flow has one)."""
+def unanswered_client_hellos(pcap: Path, grace: float = 3.0) -> tuple[int, list[int]]:
+    """(ClientHellos in ``pcap``, TCP streams whose ClientHello got no ServerHello).
+
+    A handshake the capture's end cut in two (agents poll the control plane all the time) is not
+    a flow without a ServerHello: ClientHellos in the last ``grace`` seconds of the capture are
+    not counted as unanswered.
+    """
     decode = [arg for p in TLS_PORTS for arg in ("-d", f"tcp.port=={p},tls")]
     res = subprocess.run(
-        ["tshark", "-n", "-r", str(pcap), *decode, "-Y", "tls.handshake.type==1", "-T", "fields", "-e", "frame.number"],
+        ["tshark", "-n", "-r", str(pcap), *decode, "-Y", "tls.handshake.type==1 || tls.handshake.type==2",
+         "-T", "fields", "-E", "separator=;", "-e", "tcp.stream", "-e", "frame.time_epoch", "-e", "tls.handshake.type"],
         capture_output=True, text=True, timeout=60, check=True,
     )  # fmt: skip
-    return len(res.stdout.split())
+    hello: dict[int, float] = {}
+    answered: set[int] = set()
+    last = 0.0
+    for line in res.stdout.splitlines():
+        stream, when, types = line.split(";")
+        last = max(last, float(when))
+        if "1" in types.split(","):
+            hello.setdefault(int(stream), float(when))
+        if "2" in types.split(","):
+            answered.add(int(stream))
+    end = max(last, pcap.stat().st_mtime)
+    cut = [st for st, t in hello.items() if st not in answered and t < end - grace]
+    return len(hello), sorted(cut)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
-import time
 from pathlib import Path
 
 import pytest
@@ -144,10 +143,10 @@ def test_without_agent_redirected_connections_are_refused_not_blackholed(iptable
     listener = start_listener(far, FAR, 8080, seen)  # the real destination IS listening
     try:
         out = tmp_path / "client.txt"
-        t0 = time.monotonic()
         probe(near, "connect", FAR, "8080", str(out))
-        assert "Connection refused" in out.read_text()  # refused by the dead local redirect port...
-        assert time.monotonic() - t0 < 5  # ...at once, not after a silent timeout
+        # refused by the dead local redirect port: an RST at once (a black hole would end in the
+        # probe's 10 s "timed out" instead; no wall-clock bound needed to tell them apart)
+        assert "Connection refused" in out.read_text()
         assert not seen.exists()  # and nothing leaked past the rules to the far service in plaintext
     finally:
         listener.kill()

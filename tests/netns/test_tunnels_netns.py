@@ -14,7 +14,7 @@ import pytest
 from tapproof.demo.inspect import inspect_capture, streams
 from tapproof.testing.netns import Lab, remove_stale
 from tests.helpers import require_root, require_tool
-from tests.netns.fleet import PQ_CODE, Fleet, client_hellos, server_hello_groups
+from tests.netns.fleet import PQ_CODE, Fleet, server_hello_groups, unanswered_client_hellos
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
@@ -66,7 +66,9 @@ def test_through_the_agents_the_taps_read_nothing_and_every_handshake_is_pq(flee
         groups = server_hello_groups(pcap)
         assert groups, f"no TLS handshake on {pcap.name}"
         assert set(groups) == {PQ_CODE}
-        assert len(groups) == client_hellos(pcap)  # no TLS flow without a (PQ) ServerHello
+        hellos, unanswered = unanswered_client_hellos(pcap)
+        assert not unanswered, f"TLS flows without a ServerHello: tcp.stream {unanswered}"
+        assert len(groups) >= hellos - 2  # at most the handshakes the capture's end cut (one per agent)
         view = inspect_capture(pcap, fleet.canary)
         assert view.pq
         assert view.grade == "A"
