@@ -195,7 +195,8 @@ class Agent:
         handler = TransparentHandler(rt, transparent.original_dst)
         self.transparent = Listener(sock, handler, name="transparent", on_refuse=refused("outbound"), fast=handler.fast)
         rt.mark = transparent.DEFAULT_MARK
-        own = {_ip_of(rt.advertise)}
+        rt.transparent_address = self.transparent.address
+        own = {parse_hostport(rt.advertise)[0]}
         cidrs = list(cfg.fleet_cidrs) + [
             f"{ip}/{32 if ':' not in ip else 128}" for ip in rt.registry.host_ips() if ip not in own
         ]
@@ -204,8 +205,7 @@ class Agent:
         # rewrites the destination to the receiving interface's address, so that listener binds the
         # wildcard address; it only ever forwards what was redirected to a protected port of this host.
         protected = cfg.protected_port_set()
-        own_ports = {_port_of(a) for a in (rt.tunnel_address, rt.admin_address, self.transparent.address) if a}
-        clash = sorted(own_ports & set(protected))
+        clash = sorted(rt.own_ports() & set(protected))
         if clash:
             raise ConfigError(f"--protected-port: {clash} is one of the agent's own ports; it is never protected")
         inbound_port: int | None = None
@@ -213,9 +213,10 @@ class Agent:
             isock = bind("0.0.0.0", cfg.inbound_port, what="--inbound-port")  # noqa: S104 - see above
             self.plain_handler = PlainInbound(rt, protected, transparent.original_dst)
             self.plain = Listener(isock, self.plain_handler, name="plaintext-inbound", on_refuse=refused("inbound"))
-            inbound_port = _port_of(self.plain.address)
+            rt.inbound_address = self.plain.address
+            inbound_port = parse_hostport(self.plain.address)[1]
         self.redirector = transparent.Redirector(
-            transparent_port=_port_of(self.transparent.address),
+            transparent_port=parse_hostport(self.transparent.address)[1],
             fleet_cidrs=cidrs,
             protected_ports=protected,
             inbound_port=inbound_port,
@@ -427,14 +428,6 @@ def _keep(new: AgentConfig, old: AgentConfig, keys: tuple[str, ...]) -> AgentCon
     import dataclasses
 
     return dataclasses.replace(new, **{k: getattr(old, k) for k in keys})
-
-
-def _port_of(hostport: str) -> int:
-    return int(hostport.rsplit(":", 1)[1])
-
-
-def _ip_of(hostport: str) -> str:
-    return hostport.rsplit(":", 1)[0].strip("[]")
 
 
 def _default_advertise(bound: str) -> str:

@@ -71,7 +71,6 @@ __all__ = [
     "Verdict",
     "check_target",
     "is_own_address",
-    "own_ports",
 ]
 
 HANDSHAKE_TIMEOUT = 10.0
@@ -230,16 +229,6 @@ class InboundHandler:
         events.finished(DIRECTION, result, setup=round(time.monotonic() - start - result.duration, 4), **fields)
 
 
-def own_ports(rt: Runtime) -> set[int]:
-    """Ports an address target may never reach: the agent's own listeners."""
-    ports = set()
-    for addr in (rt.tunnel_address, rt.admin_address):
-        with contextlib.suppress(ValueError, IndexError):
-            ports.add(int(addr.rsplit(":", 1)[1]))
-    ports.add(rt.config.transparent_port)
-    return ports
-
-
 @dataclasses.dataclass(frozen=True)
 class Verdict:
     """The checks' answer for one CONNECT/OPEN: a refusal (status, reason, log fields), or what to connect."""
@@ -271,7 +260,7 @@ def check_target(rt: Runtime, peer: SpiffeID, target: preamble.Target) -> Verdic
     if target.kind is preamble.Kind.ADDRESS:
         if not cfg.transparent:
             return refuse(403, "address-target-disabled")
-        if not is_own_address(target.host) or port in own_ports(rt):
+        if not is_own_address(target.host) or port in rt.own_ports():
             return refuse(403, "not-own-address")
         if ipaddress.ip_address(target.host).is_loopback:
             return refuse(403, "loopback-target")  # what listens on loopback only was never reachable from the network

@@ -38,6 +38,7 @@ from tapproof.demo.sites import LocalSite, NetnsSite, Site, python_argv, tapproo
 from tapproof.demo.tap import TapRelay
 from tapproof.errors import TapproofError
 from tapproof.testing.netns import Capture, Lab
+from tapproof.units import parse_hostport
 
 __all__ = ["Demo", "DemoError", "DemoOptions", "DemoResult", "Reporter", "RunResult"]
 
@@ -314,11 +315,11 @@ class Demo:
             joins = {h: self._token(dc1, h) for h in ("dc1", "dc2")}
         with self._step("dc2: service holding the canary"):
             service = self._start_service(dc2, "127.0.0.1:0")
-        svc_host, svc_port = service.rsplit(":", 1)
+        svc_addr = parse_hostport(service)
 
         pcap1 = self.out / "run1-plaintext.pcap"
         with self._step("run 1: client -> tap -> service, no tapproof"):
-            tap1 = TapRelay(pcap1, (svc_host, int(svc_port)))
+            tap1 = TapRelay(pcap1, svc_addr)
             self.taps.append(tap1)
             tap1.start()
             got1 = self._fetch(dc1, "{}:{}".format(*tap1.address), "run1", retry=False)
@@ -345,8 +346,7 @@ class Demo:
                 "--admin",
                 "127.0.0.1:0",
             )
-            thost, tport = str(info2["tunnel"]).rsplit(":", 1)
-            tap2.upstream = (thost, int(tport))
+            tap2.upstream = parse_hostport(str(info2["tunnel"]))
         with self._step("dc1: agent with a route to the service"):
             info1 = self._start_agent(
                 dc1,
