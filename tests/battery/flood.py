@@ -4,8 +4,14 @@ Each attempt is a full mutual TLS 1.3 + X25519MLKEM768 handshake with a valid
 host certificate, then a clean close (close_notify) before any preamble: the
 most expensive thing an outsider with a stolen-but-valid credential can make
 an agent do per connection. Paced at RATE per second by a pool of threads
-(bounded in count: RATE x SECONDS, and in time: SECONDS + 15). Prints one JSON
-line: attempted, ok, failed, elapsed, first errors.
+(bounded in count: RATE x SECONDS, and in time: none starts after SECONDS + 15,
+each ends within its 10 s timeout). Prints one JSON line:
+
+- ``planned`` (RATE x SECONDS) and ``submitted``: handshakes handed to the pool on their schedule;
+- ``elapsed``: seconds the pacing took (before the pool drained: the offered rate, not the target's throughput);
+- ``ran`` = ``ok`` + ``failed``, and ``skipped`` (still queued past the time bound);
+- ``ok_in_window``: handshakes completed within SECONDS; ``drained``: seconds until the last one ended;
+- the first errors.
 """
 
 from __future__ import annotations
@@ -34,10 +40,17 @@ def main(argv: list[str]) -> int:
     )
     errors: Counter[str] = Counter()
     lock = threading.Lock()
-    ok = 0
+    ok = ok_in_window = skipped = 0
+    total = int(rate * seconds)
+    start = time.monotonic()
+    stop_at = start + seconds + 15
 
     def one() -> None:
-        nonlocal ok
+        nonlocal ok, ok_in_window, skipped
+        if time.monotonic() > stop_at:
+            with lock:
+                skipped += 1
+            return
         try:
             stream = connect((host, int(port)), ctx, timeout=10)
             stream.close(time.monotonic() + 2)
@@ -47,26 +60,34 @@ def main(argv: list[str]) -> int:
             return
         with lock:
             ok += 1
+            ok_in_window += int(time.monotonic() <= start + seconds)
 
-    total = int(rate * seconds)
-    start = time.monotonic()
+    submitted = 0
     with ThreadPoolExecutor(32) as pool:
         for i in range(total):
             due = start + i / rate
             now = time.monotonic()
-            if now > start + seconds + 15:
+            if now > stop_at:
                 break
             if due > now:
                 time.sleep(due - now)
             pool.submit(one)
-    elapsed = time.monotonic() - start
+            submitted += 1
+        elapsed = time.monotonic() - start
+    drained = time.monotonic() - start
+    failed = sum(errors.values())
     print(
         json.dumps(
             {
-                "attempted": total,
-                "ok": ok,
-                "failed": sum(errors.values()),
+                "planned": total,
+                "submitted": submitted,
                 "elapsed": round(elapsed, 2),
+                "ran": ok + failed,
+                "ok": ok,
+                "failed": failed,
+                "skipped": skipped,
+                "ok_in_window": ok_in_window,
+                "drained": round(drained, 2),
                 "errors": dict(errors.most_common(5)),
             }
         ),

@@ -235,9 +235,13 @@ def tunnel_once(addr: tuple[str, int], timeout: float = 10.0, keep: bool = False
 
 def paced_tunnels(
     route: tuple[str, int], rate: float, until: float, workers: int, timeout: float = 10.0
-) -> tuple[list[float], list[str]]:
-    """:func:`tunnel_once` ``rate`` times per second until the monotonic time ``until``: (setup times, failures).
+) -> tuple[list[float], list[str], int]:
+    """:func:`tunnel_once` ``rate`` times per second until the monotonic time ``until``.
 
+    Returns (setup times, failures, tunnels submitted): every submitted tunnel
+    ends in exactly one of the two lists. The number submitted is
+    ``rate`` x the seconds left when the pacing starts, so a caller that
+    computed ``until`` a moment earlier may see one fewer than it planned.
     Bounded in count (rate x remaining seconds) and in time (each tunnel's ``timeout``).
     """
     times: list[float] = []
@@ -261,7 +265,7 @@ def paced_tunnels(
             time.sleep(max(0.0, due - time.monotonic()))
             pool.submit(one)
             i += 1
-    return times, failures
+    return times, failures, i
 
 
 def percentile(values: list[float], q: float) -> float:

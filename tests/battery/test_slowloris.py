@@ -14,9 +14,16 @@ Asserted: >= 99% of the legitimate tunnels succeed, through each client agent; e
 socket is dropped at the agent's handshake deadline
 (:data:`tapproof.agent.inbound.HANDSHAKE_TIMEOUT`, counted from accept, so a
 trickle of bytes does not extend it) and none outlives it by more than
-:data:`REAP_SLACK`; the flood ran at >= 90% of its rate; no backend
-connection from anything but the legitimate tunnels; the agent's descriptors
-and threads return to their baseline.
+:data:`REAP_SLACK`; the flood offered >= 90% of its handshakes on schedule and
+every one ran; no backend connection from anything but the legitimate tunnels;
+the agent's descriptors and threads return to their baseline.
+
+"Outlives" is counted from the agent's accept, as the deadline is, not from the
+client's connect: a burst of 1,000 connects waits in the listen queue of a busy
+agent. The client sees no accept, so it takes the first moment after a
+connect at which the listen queue is empty (``/proc/net/tcp``; the queue is
+FIFO, so every earlier connection was accepted by then): a time at or after
+the accept, which can only make the measured life shorter than the real one.
 
 Issue 7 also asks for a legitimate p99 setup <= 250 ms under this attack. That is a
 speed figure, so it is printed here (with the p99 measured first without attack,
@@ -80,6 +87,12 @@ class Stuck:
         self.until = until
         self.sel = selectors.DefaultSelector()
         self.lifetimes: list[float] = []  # seconds from connect to the server's close, per dropped socket
+        self.since_accepted: list[float] = []  # seconds from a time known after the accept to the close
+        self.unconfirmed = 0  # dropped before the listen queue was seen empty: no accept time known
+        self.oldest_at_end = 0.0
+        self._port = addr[1]
+        self._pending: list[socket.socket] = []  # connected, not yet known to be accepted
+        self._accepted_by: dict[socket.socket, float] = {}  # a time at or after the agent's accept
         self.bytes_sent = 0
         self.open_failures = 0
         self._rng = random.Random(5)
@@ -99,12 +112,22 @@ class Stuck:
             return
         s.setblocking(False)
         self.sel.register(s, selectors.EVENT_READ, time.monotonic())
+        self._pending.append(s)
         if trickle:
             self._next_byte[s] = time.monotonic() + self._rng.uniform(0, TRICKLE_EVERY)
+
+    def _note_accepts(self) -> None:
+        """If the listen queue is empty now, every socket connected so far has been accepted."""
+        if self._pending and listen_queue(self._port) == 0:
+            now = time.monotonic()
+            for s in self._pending:
+                self._accepted_by[s] = now
+            self._pending.clear()
 
     def run(self) -> None:
         """Until ``until``: send the trickle bytes, record and replace the dropped sockets."""
         while time.monotonic() < self.until:
+            self._note_accepts()
             for key, _ in self.sel.select(0.1):
                 s = key.fileobj
                 assert isinstance(s, socket.socket)
@@ -116,7 +139,14 @@ class Stuck:
                     data = b""
                 if data:
                     continue  # an alert: the close follows
-                self.lifetimes.append(time.monotonic() - key.data)
+                now = time.monotonic()
+                self.lifetimes.append(now - key.data)
+                accepted = self._accepted_by.pop(s, None)
+                if accepted is None:
+                    self.unconfirmed += 1
+                    self._pending.remove(s)
+                else:
+                    self.since_accepted.append(now - accepted)
                 trickle = self._next_byte.pop(s, None) is not None
                 self.sel.unregister(s)
                 s.close()
@@ -128,11 +158,13 @@ class Stuck:
                         s.send(b"\x16")
                         self.bytes_sent += 1
                     self._next_byte[s] = due + TRICKLE_EVERY
+        self._note_accepts()
+        self.oldest_at_end = self.oldest()
 
     def oldest(self) -> float:
-        """Age of the oldest socket still open."""
+        """Age of the oldest socket still open, from a time known after its accept (see the module docstring)."""
         now = time.monotonic()
-        return max((now - k.data for k in self.sel.get_map().values()), default=0.0)
+        return max((now - t for t in self._accepted_by.values()), default=0.0)
 
     def close(self) -> None:
         """Close every socket still open."""
@@ -140,6 +172,27 @@ class Stuck:
             with contextlib.suppress(OSError):
                 key.fileobj.close()  # type: ignore[union-attr]
         self.sel.close()
+
+
+def listen_queue(port: int) -> int:
+    """Connections waiting in the accept queue of the TCP listener on ``port`` (``/proc/net/tcp*``).
+
+    Listeners come first in those files, so only their first lines are read.
+    """
+    found = False
+    total = 0
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(name) as f:
+            next(f)
+            for line in f:
+                fields = line.split()
+                if fields[3] != "0A":  # TCP_LISTEN; the listeners are all listed before any other state
+                    break
+                if int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    found = True
+                    total += int(fields[4].split(":")[1], 16)  # rx_queue of a listener: its accept queue
+    assert found, f"no TCP listener on port {port}"
+    return total
 
 
 def _start_flood(bed: loadkit.Bed, tmp: Path) -> subprocess.Popen[str]:
@@ -165,13 +218,17 @@ def _start_flood(bed: loadkit.Bed, tmp: Path) -> subprocess.Popen[str]:
     )
 
 
-def _legit(route: tuple[str, int], until: float) -> tuple[list[float], list[str]]:
+Legit = tuple[list[float], list[str], int]
+"""Setup times, failures, tunnels submitted."""
+
+
+def _legit(route: tuple[str, int], until: float) -> Legit:
     return loadkit.paced_tunnels(route, LEGIT_RATE, until, 16)
 
 
-def _both(bed: loadkit.Bed, mux_route: tuple[str, int], until: float) -> dict[str, tuple[list[float], list[str]]]:
+def _both(bed: loadkit.Bed, mux_route: tuple[str, int], until: float) -> dict[str, Legit]:
     """Legitimate tunnels through the classic agent a and the ``--mux`` agent m at once."""
-    out: dict[str, tuple[list[float], list[str]]] = {}
+    out: dict[str, Legit] = {}
     t = threading.Thread(target=lambda: out.setdefault("mux", _legit(mux_route, until)), daemon=True)
     t.start()
     out["classic"] = _legit(bed.route, until)
@@ -220,10 +277,11 @@ def test_slowloris_and_flood_leave_real_tunnels_working(
     try:
         legit = _both(bed, mux_route, until)
         stuck_thread.join(DURATION + 10)
-        oldest = stuck.oldest()
+        assert not stuck_thread.is_alive()
+        oldest = stuck.oldest_at_end  # taken at ``until``, not after the legitimate tunnels drained
         flood_cpu = loadkit.cpu_seconds(flood.pid)
         cpu = {n: loadkit.cpu_seconds(p) - cpu0[n] for n, p in pids.items()}
-        out, _ = flood.communicate(timeout=DURATION + 30)
+        out, _ = flood.communicate(timeout=DURATION + 45)  # the flood ends within DURATION + 15 + its 10 s timeout
     finally:
         stuck.close()
         if flood.poll() is None:
@@ -234,7 +292,7 @@ def test_slowloris_and_flood_leave_real_tunnels_working(
     reaped = stuck.lifetimes
     print(f"\nslowloris {SILENT}+{TRICKLE} sockets + flood {summary} for {DURATION:.0f}s:")
     success: dict[str, float] = {}
-    for mode, (times, failures) in legit.items():
+    for mode, (times, failures, _submitted) in legit.items():
         attempts = len(times) + len(failures)
         success[mode] = len(times) / attempts
         p50, p99 = loadkit.percentile(times, 0.5), loadkit.percentile(times, 0.99)
@@ -244,24 +302,31 @@ def test_slowloris_and_flood_leave_real_tunnels_working(
             f" (quiet p99 {quiet_p99[mode] * 1000:.1f} ms); failures {failures[:3]}"
         )
     print(
-        f"  stuck sockets dropped: {len(reaped)}, lifetime min {min(reaped, default=0):.2f}s"
-        f" max {max(reaped, default=0):.2f}s (deadline {HANDSHAKE_TIMEOUT}s); oldest still open {oldest:.2f}s;"
+        f"  stuck sockets dropped: {len(reaped)}, lifetime from connect min {min(reaped, default=0):.2f}s"
+        f" max {max(reaped, default=0):.2f}s, from accept max {max(stuck.since_accepted, default=0):.2f}s"
+        f" ({len(stuck.since_accepted)} with a known accept, {stuck.unconfirmed} without)"
+        f" (deadline {HANDSHAKE_TIMEOUT}s); oldest still open at the end {oldest:.2f}s;"
         f" trickle bytes {stuck.bytes_sent}; reconnect failures {stuck.open_failures}"
         f"\n  CPU seconds: agent b {cpu['b']:.1f}, agent a {cpu['a']:.1f}, agent m {cpu['m']:.1f},"
         f" flood {flood_cpu:.1f}, test {cpu['test']:.1f}; load average {load0:.1f} before"
     )
-    for mode, (_times, failures) in legit.items():
+    for mode, (times, failures, submitted) in legit.items():
+        assert len(times) + len(failures) == submitted, (mode, "a legitimate tunnel was not accounted for")
         assert success[mode] >= 0.99, (mode, failures[:10])
-    assert summary["attempted"] >= 0.9 * FLOOD_RATE * DURATION
-    assert summary["elapsed"] <= DURATION * 1.5, "the flood could not keep its rate"
+    # the attack was offered: >= 90% of the planned handshakes handed out on schedule (the pacing, not how fast
+    # agent b absorbs them: that is printed), and every one of them ran or was cut by the flood's time bound
+    assert summary["submitted"] >= 0.9 * FLOOD_RATE * DURATION, summary
+    assert summary["elapsed"] <= DURATION * 1.5, f"the flood could not keep its pace: {summary}"
+    assert summary["ran"] + summary["skipped"] == summary["submitted"], summary
     # every stuck socket of the first generation (and the next) was dropped at the deadline, not before or long after
     assert len(reaped) >= SILENT + TRICKLE
     assert min(reaped) >= HANDSHAKE_TIMEOUT - 0.5
-    assert max(reaped) <= HANDSHAKE_TIMEOUT + REAP_SLACK
+    assert stuck.since_accepted, "no stuck socket with a known accept time was dropped"
+    assert max(stuck.since_accepted) <= HANDSHAKE_TIMEOUT + REAP_SLACK
     assert oldest <= HANDSHAKE_TIMEOUT + REAP_SLACK
     assert stuck.bytes_sent >= TRICKLE // 2
     # only the legitimate tunnels reached the backend
-    reached = sum(len(t) + sum(1 for f in fs if "echo answered" in f) for t, fs in legit.values())
+    reached = sum(len(t) + sum(1 for f in fs if "echo answered" in f) for t, fs, _n in legit.values())
     assert bed.echo.accepted - accepted0 == reached
     refusals = {e.get("reason") for e in bed.b.events("tunnel-refused") if e.get("reason") in ("handshake-timeout",)}
     assert refusals == {"handshake-timeout"}
