@@ -245,7 +245,10 @@ def test_bad_client_certificate_refused(lab: Lab, case: str, port: Port) -> None
     lines0 = refusal_lines(port.log(lab), port.log_event, reason)
     assert attempt(addr, creds, port.payload) == b""
     procs.wait_for(lambda: port.metric(lab, reason) == metric0 + 1, 10, f"{port.name} counts {reason}")
-    assert refusal_lines(port.log(lab), port.log_event, reason) == lines0 + 1
+    # the counter is incremented before the line is written: wait for the line too
+    procs.wait_for(
+        lambda: refusal_lines(port.log(lab), port.log_event, reason) == lines0 + 1, 10, f"{port.name} logs {reason}"
+    )
     assert port.backend(lab) == backend0  # no byte reached the echo service / no API request was handled
 
 

@@ -85,7 +85,7 @@ def test_renewal_and_outage_during_a_continuous_stream(tmp_path: Path) -> None:
 
         srv.kill()
         procs.wait_for(lambda: a.metric("tapproof_agent_control_plane_up") == 0, 10, "a to see the outage")
-        assert a.events("control-plane-down")
+        procs.wait_for(lambda: a.events("control-plane-down"), 10, "the control-plane-down line")  # after the gauge
         # new tunnels work during the outage (cached registry, policy and revocations)
         sent, received, _ = procs.echo_roundtrip(a.route(), 1 << 20)
         assert sent == received
@@ -105,7 +105,7 @@ def test_renewal_and_outage_during_a_continuous_stream(tmp_path: Path) -> None:
             lambda: b.status()["certificate"]["serial"] != serial_b, 20, "b's renewal after the restart", step=0.5
         )
         assert a.metric("tapproof_agent_renewals_total", result="success") >= 1
-        assert a.metric("tapproof_agent_control_plane_up") == 1
+        procs.wait_for(lambda: a.metric("tapproof_agent_control_plane_up") == 1, 20, "the control plane up")
         # new tunnels use the renewed certificates
         sent, received, _ = procs.echo_roundtrip(a.route(), 1 << 20)
         assert sent == received

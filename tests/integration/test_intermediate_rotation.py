@@ -128,7 +128,10 @@ def test_intermediate_rotates_at_half_life_online_and_waits_for_an_offline_root(
 
         # offline root (checked below): once it warns, `server status` then the signature, in the background
         procs.wait_for(lambda: _events(off, "intermediate-rotation-pending"), 45, "the offline-root warning")
-        pending_metric = _server_metric(off, "tapproof_server_ca_rotation_pending")
+        # the line is logged just before the gauge is set: wait for the gauge too (checked below)
+        pending_metric = procs.wait_for(
+            lambda: _server_metric(off, "tapproof_server_ca_rotation_pending") or None, 10, "the rotation-pending gauge"
+        )
         signed = pool.submit(_status_then_sign, off, vault / "root.key")
 
         # --- root key online: rotated by the server itself, new leaves chain to the new one ---------
