@@ -26,7 +26,7 @@ pytestmark = [pytest.mark.integration]
 def doctor(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, dict[str, Any]]:
     """``tapproof doctor --json ARGS`` through the real CLI, in this process; (exit code, {name: check})."""
     capsys.readouterr()
-    rc = cli_main.main(["doctor", "--json", "--timeout", "3s", *args])
+    rc = cli_main.main(["doctor", "--json", "--timeout", "15s", *args])
     doc = json.loads(capsys.readouterr().out)
     assert doc["ok"] is (rc == 0)
     return rc, {c["name"]: c for c in doc["checks"]}
@@ -35,13 +35,13 @@ def doctor(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, dict[st
 def table(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
     """The human table (in process)."""
     capsys.readouterr()
-    rc = cli_main.main(["doctor", "--timeout", "3s", *args])
+    rc = cli_main.main(["doctor", "--timeout", "15s", *args])
     return rc, capsys.readouterr().out
 
 
 def faked_doctor(offset: str, *args: str) -> tuple[int, dict[str, Any]]:
     """``tapproof doctor --json`` in a subprocess whose clock is ``offset`` ahead (libfaketime)."""
-    argv = ["faketime", "-f", offset, sys.executable, "-m", "tapproof", "doctor", "--json", "--timeout", "3s", *args]
+    argv = ["faketime", "-f", offset, sys.executable, "-m", "tapproof", "doctor", "--json", "--timeout", "15s", *args]
     res = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False, stdin=subprocess.DEVNULL)
     assert res.stdout, res.stderr
     doc = json.loads(res.stdout)
@@ -78,7 +78,11 @@ def test_healthy_host_then_stopped_server(tmp_path: Path, capsys: pytest.Capture
             assert {n: st.get(n) for n in expected_ok} == dict.fromkeys(expected_ok, "OK")
             assert st["transparent.rules"] == ("OK" if os.geteuid() == 0 else "SKIP")
             assert found["server.pq"]["details"]["group"] == "X25519MLKEM768"
-            assert abs(found["clock.skew"]["details"]["skew_seconds"]) < 2
+            # one clock: the skew measured is no more than its uncertainty (half the round trip; a loaded
+            # machine can make that seconds), and the check above says what exceeds it is under SKEW_WARN
+            skew = found["clock.skew"]["details"]
+            assert abs(skew["skew_seconds"]) < 5, skew
+            assert abs(skew["skew_seconds"]) <= skew["uncertainty_seconds"] + 0.01, skew
             assert "same as the server" in found["agent.bundle"]["summary"]
             assert found["agent.ports"]["details"]["tunnel"] == procs_tunnel(agent)
 
@@ -137,7 +141,9 @@ def test_clock_ahead_and_certificate_near_and_past_expiry(tmp_path: Path, capsys
         skew = found["clock.skew"]
         assert skew["status"] == "WARN"
         assert "timedatectl" in skew["fix"]
-        assert -52 < skew["details"]["skew_seconds"] < -48  # the server is behind us
+        assert -55 < skew["details"]["skew_seconds"] < -45  # the server is behind us
+        # exactly 50 s, to within the measurement's uncertainty (half the round trip)
+        assert abs(skew["details"]["skew_seconds"] + 50) <= skew["details"]["uncertainty_seconds"] + 0.01, skew
         assert found["server.api"]["status"] == "OK"  # the server judges our certificate by its own clock
 
         # 3 minutes ahead: expired here, and past the skew that breaks certificates
