@@ -628,6 +628,113 @@ def test_audit_concurrent_appends_get_distinct_ids(store: Store) -> None:
     assert [e.entry_id for e in store.list_audit()] == sorted(got)
 
 
+# --- revocations read by agents, registry version ----------------------------------
+
+
+def test_revoked_hosts_are_the_revoked_ones_sorted(store: Store) -> None:
+    assert store.revoked_hosts() == []
+    for i, name in enumerate(["web3", "web1", "web2", "db1"]):
+        enroll(store, name, f"0{i}")
+    store.revoke_host("web3", T0, "gone")
+    store.revoke_host("db1", T0 + MIN, "gone")
+    store.revoke_host("web3", T0 + 2 * MIN, "again")  # idempotent: listed once
+    store.revoke_certificate("02", T0)  # a revoked certificate does not make its host revoked
+    assert store.revoked_hosts() == ["db1", "web3"]
+    assert store.revoked_hosts() == sorted(h.name for h in store.list_hosts() if h.revoked_at is not None)
+
+
+def _counter(store: Store) -> int:
+    return store.registry_version().counter
+
+
+def test_registry_version_moves_with_each_change_only(store: Store) -> None:
+    v0 = store.registry_version()
+    assert v0.epoch  # random per database
+    steps: list[tuple[str, Callable[[], object], int]] = [
+        ("enroll a new host", lambda: enroll(store, "web1", "01"), 1),
+        ("enroll a known host again", lambda: enroll(store, "web1", "02"), 0),
+        ("check in", lambda: store.update_host_seen("web1", T0 + MIN), 0),
+        ("advertise", lambda: store.update_host_seen("web1", T0 + MIN, advertise="10.0.0.1:7444"), 1),
+        ("same advertise", lambda: store.update_host_seen("web1", T0 + 2 * MIN, advertise="10.0.0.1:7444"), 0),
+        ("held bundle", lambda: store.update_host_seen("web1", T0 + 2 * MIN, bundle="aa,bb"), 0),
+        ("new advertise", lambda: store.update_host_seen("web1", T0 + 3 * MIN, advertise="10.0.0.9:7444"), 1),
+        ("services", lambda: store.register_services("web1", [svc("redis", "web1"), svc("api", "web1", 80)]), 1),
+        (
+            "same services again, later and in another order",
+            lambda: store.register_services(
+                "web1",
+                [
+                    dataclasses.replace(s, registered_at=T0 + HOUR)
+                    for s in (svc("api", "web1", 80), svc("redis", "web1"))
+                ],
+            ),
+            0,
+        ),
+        (
+            "a service moves",
+            lambda: store.register_services("web1", [svc("redis", "web1", 7000), svc("api", "web1", 80)]),
+            1,
+        ),
+        ("a service goes", lambda: store.register_services("web1", [svc("redis", "web1", 7000)]), 1),
+        ("a service is renamed", lambda: store.register_services("web1", [svc("cache", "web1", 7000)]), 1),
+        ("all go", lambda: store.register_services("web1", []), 1),
+        ("none again", lambda: store.register_services("web1", []), 0),
+        ("revoke a certificate", lambda: store.revoke_certificate("02", T0), 0),
+        ("revoke the host", lambda: store.revoke_host("web1", T0 + 4 * MIN, "gone"), 1),
+        ("revoke it again", lambda: store.revoke_host("web1", T0 + 5 * MIN, "again"), 0),
+        ("policy", lambda: store.add_policy_rule(rule()), 0),
+    ]
+    for what, step, bump in steps:
+        before = _counter(store)
+        step()
+        assert _counter(store) == before + bump, what
+    assert store.registry_version().epoch == v0.epoch
+
+
+def test_unchanged_registration_keeps_the_first_registration_time(store: Store) -> None:
+    store.register_services("web1", [svc("redis", "web1")])
+    store.register_services("web1", [dataclasses.replace(svc("redis", "web1"), registered_at=T0 + HOUR)])
+    assert store.list_services() == [svc("redis", "web1")]
+
+
+def test_failed_registration_does_not_bump(store: Store) -> None:
+    store.register_services("web1", [svc("redis", "web1")])
+    before = _counter(store)
+    with pytest.raises(Conflict):
+        store.register_services("web1", [svc("api", "web1"), svc("api", "web1", 1)])
+    assert _counter(store) == before
+    with pytest.raises(NotFound):
+        store.update_host_seen("ghost", T0, advertise="10.0.0.1:1")
+    assert _counter(store) == before
+
+
+def test_registry_snapshot_is_the_lists_at_the_current_version(store: Store) -> None:
+    enroll(store, "web1", "01")
+    enroll(store, "web2", "02")
+    store.update_host_seen("web2", T0, advertise="10.0.0.2:7444")
+    store.register_services("web2", [svc("redis", "web2")])
+    store.revoke_host("web1", T0, "gone")
+    snap = store.registry_snapshot()
+    assert snap.version == store.registry_version()
+    assert snap.hosts == store.list_hosts()
+    assert snap.services == store.list_services()
+
+
+def test_concurrent_registry_changes_are_never_lost(store: Store) -> None:
+    hosts = 6
+    for i in range(hosts):
+        enroll(store, f"web{i}", f"0{i}")
+    before = _counter(store)
+
+    def change(i: int) -> None:
+        for port in range(3):  # three changes, then a repeat that is no change
+            store.register_services(f"web{i}", [svc("redis", f"web{i}", 7000 + port)])
+        store.register_services(f"web{i}", [svc("redis", f"web{i}", 7002)])
+
+    run_threads(hosts, change)
+    assert _counter(store) == before + 3 * hosts
+
+
 # --- control-plane servers -------------------------------------------------------
 
 

@@ -22,11 +22,11 @@ from tapproof.errors import (
     StoreUnavailable,
     TokenReason,
 )
-from tapproof.store import SCHEMA_VERSION, ServiceRecord, SQLStore, migrate, open_store
-from tapproof.store.engine import RETRIES, SQLITE_BUSY_TIMEOUT_MS, parse_url, run_tx
+from tapproof.store import SCHEMA_VERSION, ServiceRecord, SQLStore, migrate, migrations, open_store, schema
+from tapproof.store.engine import RETRIES, SQLITE_BUSY_TIMEOUT_MS, make_engine, parse_url, run_tx
 from tests.helpers import free_port, is_root
 from tests.pgserver import PgServer
-from tests.store.conformance import T0, cert, issuer, run_threads, token
+from tests.store.conformance import T0, cert, enroll, issuer, run_threads, svc, token
 
 
 def raw_engine(url: str) -> sa.Engine:
@@ -96,6 +96,85 @@ def test_newer_schema_refused(db_url: str) -> None:
         open_store(db_url, migrate=True)
     with pytest.raises(SchemaMismatch):
         migrate(db_url)
+
+
+def test_v3_database_migrates_to_v4(db_url: str) -> None:
+    """An existing v3 database (made by the v1-v3 migrations, with data) is refused until migrated, then
+    keeps its data and gets the registry version and the revoked-rows indexes."""
+    engine = make_engine(parse_url(db_url))
+
+    def upto_v3(conn: sa.Connection) -> None:
+        for version, name, fn in migrations.MIGRATIONS[:3]:
+            fn(conn)
+            conn.execute(schema.schema_versions.insert().values(version=version, name=name, applied_at=T0))
+        common = {"created_at": T0, "revoke_reason": "", "advertise": "10.0.0.1:7444"}
+        conn.execute(schema.hosts.insert(), [{"name": "web1", "spiffe_id": "x", **common}])
+        conn.execute(schema.hosts.insert(), [{"name": "web2", "spiffe_id": "y", **common, "revoked_at": T0}])
+
+    try:
+        run_tx(engine, upto_v3, write=True, what="build a v3 database")
+    finally:
+        engine.dispose()
+    with pytest.raises(SchemaMismatch, match="schema version 3, this tapproof needs version 4"):
+        open_store(db_url)
+    assert migrate(db_url) == (3, 4)
+    with open_store(db_url) as store:
+        assert store.schema_version() == 4
+        assert [h.name for h in store.list_hosts()] == ["web1", "web2"]
+        assert store.revoked_hosts() == ["web2"]
+        version = store.registry_version()
+        assert version.counter == 0
+        store.update_host_seen("web1", T0, advertise="10.0.0.1:7445")
+        assert store.registry_version().counter == 1
+        names = {ix["name"] for t in ("hosts", "certificates") for ix in sa.inspect(store._engine).get_indexes(t)}
+    assert {"hosts_revoked", "certificates_revoked"} <= names
+    assert migrate(db_url) == (4, 4)
+
+
+def test_two_stores_on_one_database_see_each_others_registry_changes(db_url: str) -> None:
+    """What several servers on one database rely on: a bump through one handle is read by the other."""
+    a, b = open_store(db_url, migrate=True), open_store(db_url)
+    try:
+        assert a.registry_version() == b.registry_version()
+        enroll(a, "web1", "01")
+        assert b.registry_version() == a.registry_version()
+        assert b.registry_snapshot().hosts == a.list_hosts()
+        before = a.registry_version().counter
+        b.register_services("web1", [svc("redis", "web1")])
+        assert a.registry_version().counter == before + 1
+        assert a.registry_snapshot().services == [svc("redis", "web1")]
+        a.revoke_host("web1", T0, "gone")
+        assert b.registry_version().counter == before + 2
+        assert b.revoked_hosts() == ["web1"]
+    finally:
+        a.close()
+        b.close()
+
+
+def test_sqlite_revocation_queries_read_only_revoked_rows(tmp_path: Path) -> None:
+    """The plan of the statements ``revoked_hosts`` and ``revoked_serials`` run: the partial indexes, no scan."""
+    with open_store(f"sqlite:///{tmp_path / 'a.db'}", migrate=True) as store:
+        seen: list[tuple[str, object]] = []
+
+        @sa.event.listens_for(store._engine, "before_cursor_execute")
+        def record(_c: object, _cur: object, statement: str, params: object, _ctx: object, _many: bool) -> None:
+            seen.append((statement, params))
+
+        store.revoked_hosts()
+        store.revoked_serials(T0)
+        queries = [(q, p) for q, p in seen if q.lstrip().upper().startswith("SELECT")]
+        assert len(queries) == 2, queries
+        engine = raw_engine(store.url)
+        try:
+            with engine.connect() as conn:
+                plans = [
+                    " ".join(str(r[-1]) for r in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + q, p)) for q, p in queries
+                ]
+        finally:
+            engine.dispose()
+    assert "USING INDEX hosts_revoked" in plans[0], plans
+    assert "USING INDEX certificates_revoked" in plans[1], plans
+    assert not any("SCAN" in p for p in plans), plans
 
 
 # --- guarantees the protocol leaves to the backend ---------------------------------

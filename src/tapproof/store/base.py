@@ -140,6 +140,24 @@ class CAServerRecord:
 
 
 @dataclasses.dataclass(frozen=True)
+class RegistryVersion:
+    """Where the registry's content stands: ``counter`` moves with every change to it; ``epoch`` is
+    random per database (so two databases, or a re-created one, do not share versions)."""
+
+    counter: int
+    epoch: str
+
+
+@dataclasses.dataclass(frozen=True)
+class RegistrySnapshot:
+    """Everything ``/v1/registry`` renders, read in one snapshot with the version it is at."""
+
+    version: RegistryVersion
+    hosts: list[HostRecord]
+    services: list[ServiceRecord]
+
+
+@dataclasses.dataclass(frozen=True)
 class AuditEntry:
     """One line of the append-only audit log. ``entry_id`` is assigned by the store."""
 
@@ -261,7 +279,8 @@ class Store(Protocol):
         ``issue(token.host)`` (it signs; if it raises, nothing is changed and
         the token stays unspent), insert the certificate, mark the token used
         at ``now`` by ``key`` (SHA-256 hex of the redeeming public key), and
-        create or update the host record (``enrolled_at=now``, created if new).
+        create or update the host record (``enrolled_at=now``, created if new:
+        that bumps the registry version).
         Two concurrent redemptions of one token: exactly one succeeds, the
         other gets ``USED``.
 
@@ -290,14 +309,22 @@ class Store(Protocol):
         """All hosts, by name."""
         ...
 
+    def revoked_hosts(self) -> list[str]:
+        """Names of the revoked hosts, sorted (reads only revoked rows)."""
+        ...
+
     def update_host_seen(
         self, name: str, now: dt.datetime, advertise: str | None = None, bundle: str | None = None
     ) -> None:
-        """Record that a host checked in (and its advertised address and held bundle if given); NotFound if unknown."""
+        """Record that a host checked in (and its advertised address and held bundle if given); NotFound if unknown.
+
+        Bumps the registry version if ``advertise`` differs from the stored one."""
         ...
 
     def revoke_host(self, name: str, now: dt.datetime, reason: str) -> list[str]:
-        """Revoke a host and all its unexpired certificates; return their serials (NotFound if absent)."""
+        """Revoke a host and all its unexpired certificates; return their serials (NotFound if absent).
+
+        Bumps the registry version the first time (the host shows as revoked)."""
         ...
 
     # --- certificates ------------------------------------------------------
@@ -331,11 +358,25 @@ class Store(Protocol):
 
     # --- services ----------------------------------------------------------
     def register_services(self, host: str, services: Sequence[ServiceRecord]) -> None:
-        """Replace the set of services ``host`` fronts with ``services``."""
+        """Replace the set of services ``host`` fronts with ``services``.
+
+        Bumps the registry version if the set of (name, advertise) changes; a
+        registration that changes neither writes nothing (``registered_at`` stays)."""
         ...
 
     def list_services(self) -> list[ServiceRecord]:
         """All services, by (name, host)."""
+        ...
+
+    # --- registry version (what agents poll with ETag) ---------------------
+    def registry_version(self) -> RegistryVersion:
+        """The registry's version: one one-row read. Every write that changes what
+        :meth:`registry_snapshot` returns (a host created by enrollment, a host's
+        ``advertise`` or revocation, a host's services) bumps it in its own transaction."""
+        ...
+
+    def registry_snapshot(self) -> RegistrySnapshot:
+        """The version, all hosts and all services, read in one snapshot."""
         ...
 
     # --- policy ------------------------------------------------------------

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import secrets
 from collections.abc import Callable
 
 import sqlalchemy as sa
@@ -232,10 +233,42 @@ def _v3_token_key(conn: sa.Connection) -> None:
     conn.exec_driver_sql("ALTER TABLE tokens ADD COLUMN redeemed_key VARCHAR(64) NOT NULL DEFAULT ''")
 
 
+_V4_SYNC = """
+CREATE TABLE registry_state (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    version BIGINT NOT NULL,
+    epoch VARCHAR(32) NOT NULL
+)
+;;
+CREATE INDEX hosts_revoked ON hosts (revoked_at) WHERE revoked_at IS NOT NULL
+;;
+CREATE INDEX certificates_revoked ON certificates (not_after) WHERE revoked_at IS NOT NULL
+"""
+
+
+def _v4_sync_state(conn: sa.Connection) -> None:
+    """Version 4: what makes the agents' sync loop cheap for the server.
+
+    ``registry_state``: one row whose ``version`` every write that changes the
+    registry's content bumps in the same transaction (servers cache the rendered
+    registry per version and answer ``304`` to an agent that has it); ``epoch``
+    is random per database, so a re-created database does not repeat old tags.
+    Partial indexes on revoked hosts and revoked certificates (by expiry) make
+    ``/v1/revocations`` read only the revoked rows.
+    """
+    for statement in _V4_SYNC.split(";;"):
+        conn.exec_driver_sql(statement.strip())
+    conn.execute(
+        sa.text("INSERT INTO registry_state (id, version, epoch) VALUES (1, 0, :epoch)"),
+        {"epoch": secrets.token_hex(8)},
+    )
+
+
 MIGRATIONS: list[Migration] = [
     (1, "initial", _v1_initial),
     (2, "ca-state", _v2_ca_state),
     (3, "token-key", _v3_token_key),
+    (4, "sync-state", _v4_sync_state),
 ]
 """Every migration, in version order."""
 

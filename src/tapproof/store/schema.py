@@ -147,6 +147,14 @@ policy_state = sa.Table(
     sa.Column("version", sa.BigInteger, nullable=False),
 )
 
+registry_state = sa.Table(  # v4: one row (id 1); its version moves with the registry's content
+    "registry_state",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("version", sa.BigInteger, nullable=False),
+    sa.Column("epoch", sa.String(32), nullable=False),
+)
+
 policy_rules = sa.Table(
     "policy_rules",
     metadata,

@@ -14,6 +14,11 @@ How the promises of :mod:`tapproof.store.base` are kept:
 * the policy version lives in one row that every rule change updates FIRST,
   so concurrent edits queue on its row lock and no bump is lost; the reader
   uses a REPEATABLE READ snapshot on PostgreSQL;
+* the registry version (``registry_state``) is bumped LAST by every write that
+  changed the registry's content (after its other row locks, so no lock cycle),
+  with ``version = version + 1`` (no lost bump); writes that change nothing do
+  not take it, and a host's registrations queue on the host's row lock, so a
+  comparison "unchanged" cannot race with another change of the same host;
 * audit entries are appended under a transaction-scoped advisory lock on
   PostgreSQL, so ids become visible in id order and ``list_audit(since_id=)``
   pollers never skip an entry; nothing updates or deletes them (and a trigger
@@ -52,6 +57,8 @@ from tapproof.store.base import (
     HostRecord,
     IntermediateRecord,
     PolicyRuleRecord,
+    RegistrySnapshot,
+    RegistryVersion,
     RootState,
     ServiceRecord,
     TokenRecord,
@@ -67,6 +74,7 @@ from tapproof.store.schema import (
     hosts,
     policy_rules,
     policy_state,
+    registry_state,
     services,
     settings,
     tokens,
@@ -486,6 +494,8 @@ class SQLStore:
                 )
             )
             conn.execute(certificates.insert().values(**_cert_values(cert)))
+            if host_row is None:  # a new host: the registry lists it
+                self._bump_registry(conn)
             if repeat:  # the same key again: a new certificate, the token's first use stands
                 return token, cert
             conn.execute(tokens.update().where(tokens.c.token_hash == token_hash).values(used_at=now, redeemed_key=key))
@@ -540,6 +550,16 @@ class SQLStore:
 
         return self._read("list hosts", body)
 
+    def revoked_hosts(self) -> list[str]:
+        """Names of the revoked hosts, sorted (the partial index ``hosts_revoked`` holds only them)."""
+
+        def body(conn: sa.Connection) -> list[str]:
+            # sorted here: an ORDER BY name makes SQLite walk the primary key (every host) instead
+            stmt = sa.select(hosts.c.name).where(hosts.c.revoked_at.is_not(None))
+            return sorted(str(n) for n in conn.execute(stmt).scalars())
+
+        return self._read("list revoked hosts", body)
+
     def update_host_seen(
         self, name: str, now: dt.datetime, advertise: str | None = None, bundle: str | None = None
     ) -> None:
@@ -547,13 +567,16 @@ class SQLStore:
 
         def body(conn: sa.Connection) -> None:
             values: dict[str, Any] = {"last_seen": now}
-            if advertise is not None:
-                values["advertise"] = advertise
             if bundle is not None:
                 values["bundle"] = bundle
             result = conn.execute(hosts.update().where(hosts.c.name == name).values(**values))
             if result.rowcount == 0:
                 raise NotFound(f"no host {name!r}")
+            if advertise is not None:  # the row is locked now: "changed" is decided against the latest value
+                other = sa.and_(hosts.c.name == name, hosts.c.advertise != advertise)
+                moved = conn.execute(hosts.update().where(other).values(advertise=advertise))
+                if moved.rowcount:
+                    self._bump_registry(conn)
 
         self._write("update host seen", body)
 
@@ -570,6 +593,7 @@ class SQLStore:
                 raise NotFound(f"no host {name!r}")
             if row.revoked_at is None:
                 conn.execute(hosts.update().where(hosts.c.name == name).values(revoked_at=now, revoke_reason=reason))
+                self._bump_registry(conn)
             live = sa.and_(certificates.c.host == name, certificates.c.not_after > now)
             conn.execute(certificates.update().where(live, certificates.c.revoked_at.is_(None)).values(revoked_at=now))
             stmt = sa.select(certificates.c.serial).where(live).order_by(certificates.c.serial)
@@ -617,12 +641,12 @@ class SQLStore:
         """Serials revoked and not yet expired at ``now``, sorted."""
 
         def body(conn: sa.Connection) -> list[str]:
-            stmt = (
-                sa.select(certificates.c.serial)
-                .where(certificates.c.revoked_at.is_not(None), certificates.c.not_after > now)
-                .order_by(certificates.c.serial)
+            # partial index certificates_revoked (not_after, revoked only); sorted here, as an ORDER BY
+            # serial makes SQLite walk the primary key (every certificate) instead
+            stmt = sa.select(certificates.c.serial).where(
+                certificates.c.revoked_at.is_not(None), certificates.c.not_after > now
             )
-            return [str(s) for s in conn.execute(stmt).scalars()]
+            return sorted(str(s) for s in conn.execute(stmt).scalars())
 
         return self._read("list revoked serials", body)
 
@@ -682,8 +706,16 @@ class SQLStore:
         if wrong:
             raise ValueError(f"services {wrong} are not on host {host!r}")
 
+        wanted = {(s.name, s.advertise) for s in services_}
+
         def body(conn: sa.Connection) -> None:
+            # one host's registrations queue here (no row for an unknown host: nothing to order against)
+            conn.execute(sa.select(hosts.c.name).where(hosts.c.name == host).with_for_update())
+            have = conn.execute(sa.select(services.c.name, services.c.advertise).where(services.c.host == host)).all()
+            if len(have) == len(services_) and {(r.name, r.advertise) for r in have} == wanted:
+                return  # an agent re-registering what it had: no write, no registry bump
             conn.execute(services.delete().where(services.c.host == host))
+            self._bump_registry(conn)
             if services_:
                 conn.execute(
                     services.insert(),
@@ -711,6 +743,40 @@ class SQLStore:
             ]
 
         return self._read("list services", body)
+
+    # --- registry version ----------------------------------------------------
+    @staticmethod
+    def _bump_registry(conn: sa.Connection) -> None:
+        # Last lock a registry-changing write takes (after its host/token rows): held only until its commit.
+        conn.execute(
+            registry_state.update().where(registry_state.c.id == 1).values(version=registry_state.c.version + 1)
+        )
+
+    @staticmethod
+    def _registry_version(conn: sa.Connection) -> RegistryVersion:
+        row = conn.execute(
+            sa.select(registry_state.c.version, registry_state.c.epoch).where(registry_state.c.id == 1)
+        ).one()
+        return RegistryVersion(int(row.version), str(row.epoch))
+
+    def registry_version(self) -> RegistryVersion:
+        """The registry's version (one primary-key read of a one-row table)."""
+        return self._read("read registry version", self._registry_version)
+
+    def registry_snapshot(self) -> RegistrySnapshot:
+        """The version, all hosts and all services in one snapshot (REPEATABLE READ on PostgreSQL)."""
+
+        def body(conn: sa.Connection) -> RegistrySnapshot:
+            version = self._registry_version(conn)
+            host_rows = [_host(r) for r in conn.execute(sa.select(hosts).order_by(hosts.c.name))]
+            stmt = sa.select(services).order_by(services.c.name, services.c.host)
+            svc_rows = [
+                ServiceRecord(name=r.name, host=r.host, advertise=r.advertise, registered_at=r.registered_at)
+                for r in conn.execute(stmt)
+            ]
+            return RegistrySnapshot(version, host_rows, svc_rows)
+
+        return self._read("read registry", body, isolation="REPEATABLE READ")
 
     # --- policy --------------------------------------------------------------
     @staticmethod
