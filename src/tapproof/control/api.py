@@ -20,7 +20,7 @@ from typing import Any, Literal
 from prometheus_client import Counter
 
 from tapproof import identity
-from tapproof.control.service import ControlPlane
+from tapproof.control.service import ControlPlane, content_tag
 from tapproof.errors import (
     APIError,
     ConfigError,
@@ -140,12 +140,19 @@ def h_renew(cp: ControlPlane, req: Request, _m: re.Match[str]) -> Response:
     return _issued(cp, cp.renew(req.peer, _str(_json(req), "csr"), req.peer_serial, after_expiry=req.peer_expired))
 
 
+def _tagged(req: Request, etag: str, body: Any) -> Response:
+    """200 with ``ETag``, or 304 (same tag, no body) when the request's If-None-Match is that tag."""
+    if req.if_none_match == etag:
+        return Response(304, None, (("ETag", etag),))
+    return Response(200, body, (("ETag", etag),))
+
+
 def h_bundle(cp: ControlPlane, req: Request, _m: re.Match[str]) -> Response:
     # "active": the root new certificates chain to; an agent whose chain ends elsewhere renews early
     body: dict[str, Any] = {"trust_domain": cp.td, "bundle": cp.bundle_pem(), "active": cp.ca.root_fingerprint}
     if req.peer is not None:  # enrolled agents keep their server list current from here
         body["servers"] = cp.known_servers()
-    return Response(200, body)
+    return _tagged(req, content_tag(body), body)  # the tag covers roots, active root and servers
 
 
 def h_register(cp: ControlPlane, req: Request, _m: re.Match[str]) -> Response:
@@ -161,20 +168,19 @@ def h_register(cp: ControlPlane, req: Request, _m: re.Match[str]) -> Response:
     return Response(200, {"ok": True})
 
 
-def h_registry(cp: ControlPlane, _req: Request, _m: re.Match[str]) -> Response:
-    return Response(200, cp.registry())
+def h_registry(cp: ControlPlane, req: Request, _m: re.Match[str]) -> Response:
+    etag, body = cp.registry_tagged()
+    return _tagged(req, etag, body)
 
 
 def h_policy(cp: ControlPlane, req: Request, _m: re.Match[str]) -> Response:
     pol = cp.policy()
-    etag = f'"{pol["version"]}"'
-    if req.if_none_match == etag:
-        return Response(304, None, (("ETag", etag),))
-    return Response(200, pol, (("ETag", etag),))
+    return _tagged(req, f'"{pol["version"]}"', pol)
 
 
-def h_revocations(cp: ControlPlane, _req: Request, _m: re.Match[str]) -> Response:
-    return Response(200, cp.revocations())
+def h_revocations(cp: ControlPlane, req: Request, _m: re.Match[str]) -> Response:
+    body = cp.revocations()
+    return _tagged(req, content_tag(body), body)
 
 
 def h_token(cp: ControlPlane, req: Request, _m: re.Match[str]) -> Response:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import hashlib
+import json
 import logging
 import threading
 from typing import Any
@@ -35,7 +36,7 @@ from tapproof.pki import certs, csr
 from tapproof.pki.ca import LocalCA
 from tapproof.pki.verify import spiffe_id_of
 from tapproof.policy import model as policy
-from tapproof.store import CertificateRecord, PolicyRuleRecord, ServiceRecord, Store, TokenRecord
+from tapproof.store import CertificateRecord, PolicyRuleRecord, RegistryVersion, ServiceRecord, Store, TokenRecord
 from tapproof.units import format_hostport, parse_hostport
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,15 @@ SERVER_STALE = dt.timedelta(days=1)
 """A server that has not announced itself for this long drops out of join strings."""
 MAX_SERVERS = 16
 """At most this many addresses go into a join string (it must stay short enough to paste)."""
+REGISTRY_FORMAT = 1
+"""Goes into the registry's ETag: bump it when the rendering of ``/v1/registry`` changes, so servers of two
+tapproof versions sharing a database never give one tag to two bodies."""
+
+
+def content_tag(body: Any) -> str:
+    """A strong ETag (quoted) for a JSON body: SHA-256 of its canonical encoding, 128 bits."""
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    return '"' + hashlib.sha256(canonical).hexdigest()[:32] + '"'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +85,7 @@ class ControlPlane:
         self.server_addresses = server_addresses
         self.name = str(identity.server_id(self.td))
         self._revoked_cache: tuple[float, frozenset[str]] = (-1e9, frozenset())
+        self._registry_cache: tuple[RegistryVersion, str, dict[str, Any]] | None = None
         self._lock = threading.Lock()
         self.server_leaf: Any = None  # this server's own TLS certificate (set by the runner)
 
@@ -295,10 +306,21 @@ class ControlPlane:
         self.store.register_services(peer.name, recs)
 
     def registry(self) -> dict[str, Any]:
-        """Hosts with their tunnel addresses, and services with where they are."""
-        hosts = {
-            h.name: {"advertise": h.advertise, "revoked": h.revoked_at is not None} for h in self.store.list_hosts()
-        }
+        """Hosts with their tunnel addresses, and services with where they are (do not modify: it is shared)."""
+        return self.registry_tagged()[1]
+
+    def registry_tagged(self) -> tuple[str, dict[str, Any]]:
+        """(ETag, registry body). The body is rendered once per registry version and kept in this process;
+        each call reads only the version (one row), so a change made through another server sharing the
+        database is seen at the next call. The tag is the version plus a digest of the database's epoch,
+        the trust domain (in every service's SPIFFE ID) and :data:`REGISTRY_FORMAT`."""
+        version = self.store.registry_version()
+        with self._lock:
+            cached = self._registry_cache
+        if cached is not None and cached[0] == version:
+            return cached[1], cached[2]
+        snap = self.store.registry_snapshot()  # version and content from one snapshot: never a stale body
+        hosts = {h.name: {"advertise": h.advertise, "revoked": h.revoked_at is not None} for h in snap.hosts}
         services = [
             {
                 "name": s.name,
@@ -306,9 +328,16 @@ class ControlPlane:
                 "advertise": s.advertise,
                 "spiffe_id": str(identity.service_id(self.td, s.name)),
             }
-            for s in self.store.list_services()
+            for s in snap.services
         ]
-        return {"hosts": hosts, "services": services}
+        body = {"hosts": hosts, "services": services}
+        salt = hashlib.sha256(f"{snap.version.epoch}/{self.td}/{REGISTRY_FORMAT}".encode()).hexdigest()[:12]
+        etag = f'"{snap.version.counter}-{salt}"'
+        with self._lock:
+            current = self._registry_cache
+            if current is None or current[0].counter <= snap.version.counter or current[0].epoch != snap.version.epoch:
+                self._registry_cache = (snap.version, etag, body)
+        return etag, body
 
     # --- policy --------------------------------------------------------------------
     def policy(self) -> dict[str, Any]:
@@ -376,9 +405,8 @@ class ControlPlane:
         return rec.spiffe_id
 
     def revocations(self) -> dict[str, Any]:
-        """What agents need to refuse revoked peers."""
-        hosts = [h.name for h in self.store.list_hosts() if h.revoked_at is not None]
-        return {"serials": sorted(self.store.revoked_serials(self.clock.now())), "hosts": sorted(hosts)}
+        """What agents need to refuse revoked peers: O(revoked) reads (indexed), never a scan of every host."""
+        return {"serials": sorted(self.store.revoked_serials(self.clock.now())), "hosts": self.store.revoked_hosts()}
 
     # --- status ---------------------------------------------------------------------
     def status(self, soon: dt.timedelta = dt.timedelta(minutes=15)) -> dict[str, Any]:
