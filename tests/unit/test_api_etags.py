@@ -9,15 +9,17 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 from tapproof import identity
 from tapproof.control import api, tlsctx
 from tapproof.control.config import ServerConfig
 from tapproof.control.joinstring import parse
-from tapproof.control.service import ControlPlane
+from tapproof.control.service import REGISTRY_MAX_AGE, ControlPlane
 from tapproof.pki import csr, keys
 from tapproof.pki.ca import LocalCA, init_ca
 from tapproof.store import SQLStore, open_store
+from tapproof.store.engine import parse_url
 from tapproof.testing import FakeClock
 
 T0 = dt.datetime(2026, 11, 1, 12, 0, tzinfo=dt.UTC)
@@ -180,3 +182,21 @@ def test_bundle_revalidates_and_changes_with_the_servers(cp: ControlPlane) -> No
     assert resp.status == 200
     assert "10.0.0.9:7443" in resp.body["servers"]
     assert get(cp, "/v1/bundle", bootstrap, peer=None).status == 304  # what a bootstrap client sees is unchanged
+
+
+def test_registry_write_that_did_not_bump_is_served_within_the_max_age(cp: ControlPlane) -> None:
+    """A server older than schema v4 (rolling upgrade) changes rows without bumping the version."""
+    cp.register(PEER, "10.0.0.1:7444", {})
+    tag = assert_revalidates(cp, "/v1/registry")
+    engine = sa.create_engine(parse_url(cp.config.db))
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text("UPDATE hosts SET advertise = '10.0.0.2:7444' WHERE name = 'web-1'"))
+    finally:
+        engine.dispose()
+    assert get(cp, "/v1/registry", tag).status == 304  # cached for the version
+    cp.clock.advance(REGISTRY_MAX_AGE)  # type: ignore[attr-defined]
+    resp = get(cp, "/v1/registry", tag)
+    assert resp.status == 200
+    assert resp.body["hosts"]["web-1"]["advertise"] == "10.0.0.2:7444"
+    assert etag(resp) != tag  # same version, another body: another tag
