@@ -156,6 +156,19 @@ class ServerProc:
         assert res.returncode == 0, f"server {' '.join(args)}: {res.stderr}"
         return res.stdout
 
+    def metric(self, name: str, **labels: str) -> float:
+        """The sum of the samples of ``name`` on the server's /metrics matching ``labels`` (0 if none)."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        with urllib.request.urlopen(f"http://{self.metrics}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        return sum(
+            float(sample.value)
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
+        )
+
     def token(self, host: str, ttl: str = "15m") -> str:
         """One join string for ``host``."""
         return self.admin("token", "create", "--host", host, "--ttl", ttl).strip()

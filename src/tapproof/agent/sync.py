@@ -40,6 +40,7 @@ import logging
 import random
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from tapproof.agent import renew as renewal
@@ -88,6 +89,7 @@ class SyncLoop:
         ident = load_identity(rt.paths)
         self.client = APIClient(ident.servers, rt.trust_domain, rt.creds.client_context, timeout=api_timeout)
         self._etag = rt.policy.policy.etag if rt.policy.policy is not None else ""
+        self._etags: dict[str, str] = {}  # path -> ETag of the last applied answer (revocations, registry, bundle)
         self._registered_at = -REGISTER_EVERY
         self._register_needed = True
         self._next_renew_try = 0.0
@@ -129,12 +131,13 @@ class SyncLoop:
     def sync_once(self) -> None:
         """One round: poll, maybe register, maybe renew, update the expiry metric."""
         self.client.mark = self.rt.mark  # set when transparent mode starts, maybe after this loop was built
-        try:
-            self._poll()
-            self._set_up(True, None)
-        except (TransportError, APIError, PKIError, ConfigError) as exc:
-            self._set_up(False, exc)
-        self._maybe_renew()
+        with self.client.session():  # one keep-alive connection for the round's calls, not one handshake each
+            try:
+                self._poll()
+                self._set_up(True, None)
+            except (TransportError, APIError, PKIError, ConfigError) as exc:
+                self._set_up(False, exc)
+            self._maybe_renew()
         self._expiry()
 
     def _poll(self) -> None:
@@ -149,7 +152,29 @@ class SyncLoop:
             if rt.policy.set_policy(snap):
                 log_event(log, "policy-updated", version=snap.version, rules=len(snap.rules), default=snap.default)
             self._etag = snap.etag
-        new_serials, new_hosts = rt.policy.set_revocations(self.client.get("/v1/revocations"))
+        self._if_changed("/v1/revocations", self._revocations)
+        self._if_changed("/v1/registry", self._registry)
+        self._if_changed("/v1/bundle", self._bundle)
+        rt.last_sync = rt.now()
+
+    def _if_changed(self, path: str, apply: Callable[[Any], None]) -> None:
+        """GET ``path`` with the ETag of its last answer; ``apply`` a new body (a 304: nothing changed).
+
+        The tag is kept only once ``apply`` returned, so a body that failed to apply (it raised)
+        is fetched in full again next round.
+        """
+        tag = self._etags.get(path, "")
+        status, rh, body = self.client.call("GET", path, None, [("If-None-Match", tag)] if tag else [])
+        if status == 304:
+            return
+        self._etags.pop(path, None)
+        apply(body)
+        if rh.get("etag"):
+            self._etags[path] = rh["etag"]
+
+    def _revocations(self, body: Any) -> None:
+        rt = self.rt
+        new_serials, new_hosts = rt.policy.set_revocations(body)
         if new_serials or new_hosts:
             closed = rt.tunnels.close_revoked(rt.policy.revoked_serials, rt.policy.revoked_hosts)
             log_event(
@@ -160,10 +185,10 @@ class SyncLoop:
                 new_hosts=sorted(new_hosts),
                 tunnels_closed=len(closed),
             )
-        if rt.registry.update(self.client.get("/v1/registry")):
-            log_event(log, "registry-updated", hosts=len(rt.registry.snapshot()["hosts"]))
-        self._bundle(self.client.get("/v1/bundle"))
-        rt.last_sync = rt.now()
+
+    def _registry(self, body: Any) -> None:
+        if self.rt.registry.update(body):
+            log_event(log, "registry-updated", hosts=len(self.rt.registry.snapshot()["hosts"]))
 
     def _register(self, now: float) -> None:
         rt = self.rt
@@ -257,6 +282,7 @@ class SyncLoop:
             rt.creds.swap(new, None)
         self._backoff, self._next_renew_try = 0.0, 0.0
         self._early_at = 0.0
+        self._etags.pop("/v1/bundle", None)  # the renewal may have brought a bundle: compare in full next round
         RENEWALS.labels("success").inc()
 
     def _early(self, creds: Credentials) -> bool:

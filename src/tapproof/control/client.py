@@ -1,4 +1,9 @@
-"""API client: one HTTP/1.1 request per TLS connection (h11), failover across servers.
+"""API client: HTTP/1.1 over mutual TLS (h11), failover across servers.
+
+One request per TLS connection, except inside :meth:`APIClient.session`: there the
+calls of one thread share one keep-alive connection (an agent's sync round makes
+four or five calls; each new connection is a full post-quantum mutual handshake on
+both ends, the largest part of a round's cost on the server).
 
 The server must prove ``spiffe://TD/tapproof/server`` with a chain to the
 trust bundle; enrollment uses the pinned-root bootstrap instead (no bundle yet), and
@@ -7,12 +12,14 @@ presents a self-signed bootstrap certificate for the key of its CSR.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
 import re
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import h11
@@ -32,16 +39,24 @@ MAX_RESPONSE = 4 * 1024 * 1024
 
 
 def _roundtrip(
-    stream: TLSStream, method: str, path: str, body: Any, headers: Sequence[tuple[str, str]], host: str, timeout: float
+    stream: TLSStream,
+    method: str,
+    path: str,
+    body: Any,
+    headers: Sequence[tuple[str, str]],
+    host: str,
+    timeout: float,
+    *,
+    keep_alive: bool = False,
 ) -> tuple[int, dict[str, str], Any]:
     deadline = time.monotonic() + timeout
     payload = b"" if body is None else json.dumps(body).encode()
-    h = h11.Connection(h11.CLIENT)
+    h = h11.Connection(h11.CLIENT)  # a fresh one per request: a kept connection carries one exchange at a time
     hdrs = [
         ("Host", host),
         ("Content-Type", "application/json"),
         ("Content-Length", str(len(payload))),
-        ("Connection", "close"),
+        *([] if keep_alive else [("Connection", "close")]),
         *headers,
     ]
     out = h.send(h11.Request(method=method, target=path, headers=hdrs)) or b""
@@ -136,11 +151,67 @@ class APIClient:
         self.now = now
         self.mark = mark  # SO_MARK for transparent mode (see tls.stream.connect)
         self._preferred = 0  # the server that answered last: tried first next time (failover sticks)
+        self._session: int | None = None  # the thread inside session(), if any
+        self._held: tuple[str, TLSStream] | None = None  # its kept connection: (server, stream)
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[None]:
+        """Within the block, this thread's calls reuse one keep-alive connection; it is closed on exit.
+
+        A kept connection the server closed (idle limit, restart) is replaced by a new one, with
+        the usual failover; a 503 moves on to the other servers as outside a session. Calls from
+        other threads meanwhile use their own connections. Not re-entrant across threads.
+        """
+        me = threading.get_ident()
+        if self._session is not None:  # nested (same thread) or another thread's session: no sharing
+            yield
+            return
+        self._session = me
+        try:
+            yield
+        finally:
+            self._session = None
+            self._drop(abort=False)
+
+    def _drop(self, *, abort: bool) -> None:
+        held, self._held = self._held, None
+        if held is not None:
+            held[1].abort() if abort else held[1].close(time.monotonic() + 1.0)
+
+    def _keep(self, server: str, stream: TLSStream) -> bool:
+        self._drop(abort=False)
+        self._held = (server, stream)
+        return True
+
+    def _call_held(
+        self, method: str, path: str, body: Any, headers: Sequence[tuple[str, str]]
+    ) -> tuple[int, dict[str, str], Any] | None:
+        """The call over the kept connection, or None when there is none or it failed (then: a new one)."""
+        if self._held is None:
+            return None
+        server, stream = self._held
+        try:
+            status, rh, parsed = _roundtrip(stream, method, path, body, headers, server, self.timeout, keep_alive=True)
+        except TransportError:  # the server closed it meanwhile: nothing was answered, try afresh
+            self._drop(abort=True)
+            return None
+        if status == 503:
+            self._drop(abort=False)
+            return None  # the usual path tries the other servers
+        if rh.get("connection", "").lower() == "close":
+            self._drop(abort=False)
+        _raise_for(status, parsed)
+        return status, rh, parsed
 
     def call(
         self, method: str, path: str, body: Any = None, headers: Sequence[tuple[str, str]] = ()
     ) -> tuple[int, dict[str, str], Any]:
         """Make one call; try each server in turn on transport errors and 503s."""
+        in_session = self._session == threading.get_ident()
+        if in_session:
+            answer = self._call_held(method, path, body, headers)
+            if answer is not None:
+                return answer
 
         def verify(stream: TLSStream) -> None:
             check_peer(
@@ -170,6 +241,7 @@ class APIClient:
             timeout=self.timeout,
             mark=self.mark,
             on_answer=answered,
+            keep=self._keep if in_session else None,
         )
 
     def server_date(self) -> str | None:
@@ -207,13 +279,16 @@ def _call_any(
     timeout: float,
     mark: int | None = None,
     on_answer: Callable[[str], None] | None = None,
+    keep: Callable[[str, TLSStream], bool] | None = None,
 ) -> tuple[int, dict[str, str], Any]:
     """Connect to each server in turn, ``verify`` it (raises: no retry), then make the request.
 
     Transport errors, refused handshakes and 503 answers move on to the next
     server; an identity ``verify`` refuses is raised at once, before a byte of
     the request is sent. ``on_answer`` learns which server gave the final answer
-    (not a 503).
+    (not a 503). With ``keep`` the request asks for keep-alive, and the
+    connection that answered goes to ``keep`` instead of being closed (unless the
+    server said it closes it).
     """
     last: Exception | None = None
     failures: list[tuple[str, Exception]] = []
@@ -227,7 +302,9 @@ def _call_any(
             continue
         try:
             verify(stream)
-            status, rh, parsed = _roundtrip(stream, method, path, body, headers, server, timeout)
+            status, rh, parsed = _roundtrip(
+                stream, method, path, body, headers, server, timeout, keep_alive=keep is not None
+            )
         except TransportError as exc:
             stream.abort()
             last = exc
@@ -236,7 +313,9 @@ def _call_any(
         except BaseException:
             stream.abort()
             raise
-        stream.close(time.monotonic() + 1.0)
+        closing = rh.get("connection", "").lower() == "close"
+        if keep is None or status == 503 or closing or not keep(server, stream):
+            stream.close(time.monotonic() + 1.0)
         if status == 503 and server != servers[-1]:
             last = APIError(503, "unavailable", f"{server} is unavailable")
             continue

@@ -31,6 +31,7 @@ from tapproof.units import format_hostport
 
 log = logging.getLogger(__name__)
 HANDSHAKE_FAILED = Counter("tapproof_server_handshakes_failed", "TLS handshakes refused", ["reason"])
+HANDSHAKES = Counter("tapproof_server_handshakes", "TLS handshakes completed (before the peer checks)")
 CONNECTIONS = Gauge("tapproof_server_connections", "Open API connections")
 
 HANDSHAKE_TIMEOUT = 5.0
@@ -80,6 +81,7 @@ class APIServer:
             tlsctx.take_verify_error()
             try:
                 stream.handshake(time.monotonic() + HANDSHAKE_TIMEOUT)
+                HANDSHAKES.inc()
                 peer = self._peer(stream)
             except StoreError as exc:
                 # revocations cannot be read: the peer is not trusted, and it gets 503s, nothing else
