@@ -3,7 +3,9 @@ with real stores (SQLite and PostgreSQL), a real CA and a fake clock; no sockets
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import json
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -75,8 +77,11 @@ def _enroll(plane: ControlPlane, host: str) -> str:
 
 
 def get(plane: ControlPlane, path: str, tag: str = "", peer: identity.SpiffeID | None = PEER) -> api.Response:
-    """GET ``path`` as an agent (or, with ``peer=None``, as a bootstrap client) would."""
-    return api.handle(plane, api.Request("GET", path, {}, b"", peer, "test", if_none_match=tag))
+    """GET ``path`` as an agent (or, with ``peer=None``, as a bootstrap client) would (a pre-encoded body decoded)."""
+    resp = api.handle(plane, api.Request("GET", path, {}, b"", peer, "test", if_none_match=tag))
+    if isinstance(resp.body, bytes):
+        return dataclasses.replace(resp, body=json.loads(resp.body))
+    return resp
 
 
 def etag(resp: api.Response) -> str:

@@ -206,7 +206,12 @@ class APIServer:
         )
 
     def _send(self, h: h11.Connection, stream: TLSStream, resp: api.Response) -> None:
-        payload = b"" if resp.body is None else json.dumps(resp.body).encode()
+        if resp.body is None:
+            payload = b""
+        elif isinstance(resp.body, bytes):  # already encoded (the registry: cached per version)
+            payload = resp.body
+        else:
+            payload = json.dumps(resp.body).encode()
         headers = [("Content-Type", "application/json"), ("Content-Length", str(len(payload))), *resp.headers]
         headers.append(("Date", email.utils.formatdate(usegmt=True)))  # tapproof doctor reads it (clock skew)
         if resp.status >= 400 and resp.status not in (403, 404, 409):

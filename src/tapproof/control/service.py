@@ -87,6 +87,7 @@ class ControlPlane:
         self.name = str(identity.server_id(self.td))
         self._revoked_cache: tuple[float, frozenset[str]] = (-1e9, frozenset())
         self._registry_cache: tuple[RegistryVersion, float, str, dict[str, Any]] | None = None
+        self._registry_encoded: tuple[str, bytes] | None = None  # (ETag, JSON) of the cached body
         self._lock = threading.Lock()
         self.server_leaf: Any = None  # this server's own TLS certificate (set by the runner)
 
@@ -339,6 +340,18 @@ class ControlPlane:
             if current is None or current[0].counter <= snap.version.counter or current[0].epoch != snap.version.epoch:
                 self._registry_cache = (snap.version, now_m, etag, body)
         return etag, body
+
+    def registry_encoded(self) -> tuple[str, bytes]:
+        """(ETag, the registry body as JSON bytes), encoded once per tag."""
+        etag, body = self.registry_tagged()
+        with self._lock:
+            cached = self._registry_encoded
+        if cached is not None and cached[0] == etag:
+            return cached
+        encoded = (etag, json.dumps(body).encode())
+        with self._lock:
+            self._registry_encoded = encoded
+        return encoded
 
     # --- policy --------------------------------------------------------------------
     def policy(self) -> dict[str, Any]:
