@@ -36,15 +36,19 @@ from tapproof.units import format_duration
 from tests.helpers import free_port
 
 
-def tapproof(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    """Run the real CLI and capture its output."""
+def tapproof(
+    *args: str, timeout: float = 60, input: str | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run the real CLI and capture its output (stdin: ``input``, or nothing)."""
     return subprocess.run(
         [sys.executable, "-m", "tapproof", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
         check=False,
-        stdin=subprocess.DEVNULL,
+        input=input,
+        env=env,
+        **({} if input is not None else {"stdin": subprocess.DEVNULL}),
     )
 
 

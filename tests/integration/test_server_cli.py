@@ -8,8 +8,6 @@ import os
 import socket
 import ssl
 import stat
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -89,32 +87,18 @@ def test_new_user_flow(server: Server, tmp_path: Path) -> None:
 
 def test_join_string_from_a_file_stdin_or_the_environment(server: Server, tmp_path: Path) -> None:
     """--join-file PATH, --join-file - and $TAPPROOF_JOIN enroll like --join, and keep the secret out of ``ps``."""
-    cli = [sys.executable, "-m", "tapproof", "agent", "enroll", "--data-dir"]
     f = tmp_path / "join"
     f.write_text(server.token("from-file") + "\n")
     res = tapproof("agent", "enroll", "--data-dir", str(tmp_path / "f"), "--join-file", str(f))
     assert res.returncode == 0, res.stderr
     assert "host/from-file" in res.stdout
-    res = subprocess.run(
-        [*cli, str(tmp_path / "s"), "--join-file", "-"],
-        input=server.token("from-stdin"),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+    res = tapproof(
+        "agent", "enroll", "--data-dir", str(tmp_path / "s"), "--join-file", "-", input=server.token("from-stdin")
     )
     assert res.returncode == 0, res.stderr
     assert "host/from-stdin" in res.stdout
     env = {**os.environ, "TAPPROOF_JOIN": server.token("from-env")}
-    res = subprocess.run(
-        [*cli, str(tmp_path / "e")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        stdin=subprocess.DEVNULL,
-    )
+    res = tapproof("agent", "enroll", "--data-dir", str(tmp_path / "e"), env=env)
     assert res.returncode == 0, res.stderr
     assert "host/from-env" in res.stdout
 
@@ -150,16 +134,7 @@ def test_join_string_errors_change_nothing(tmp_path: Path, args: list[str], mess
     (tmp_path / "two").write_text("tpj1.a tpj1.b\n")
     paths = {"missing": str(tmp_path / "missing"), "empty": str(tmp_path / "empty"), "two": str(tmp_path / "two")}
     env = {k: v for k, v in os.environ.items() if k != "TAPPROOF_JOIN"}
-    res = subprocess.run(
-        [sys.executable, "-m", "tapproof", "agent", "enroll", "--data-dir", str(tmp_path / "a")]
-        + [a.format(**paths) for a in args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        stdin=subprocess.DEVNULL,
-    )
+    res = tapproof("agent", "enroll", "--data-dir", str(tmp_path / "a"), *[a.format(**paths) for a in args], env=env)
     assert res.returncode == 2, res.stderr
     assert message in res.stderr
     assert not (tmp_path / "a").exists()
