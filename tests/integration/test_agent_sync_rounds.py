@@ -8,12 +8,13 @@ connection. Counted on a real server: completed handshakes against the rounds (o
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tapproof.agent.renew import client_for
+from tapproof.agent.renew import client_for, renew
 from tapproof.agent.state import AgentPaths
 from tapproof.control.client import APIClient
 from tapproof.errors import TransportError
@@ -68,3 +69,18 @@ def _answers(client: APIClient) -> bool:
     except TransportError:
         return False
     return True
+
+
+def test_a_post_in_a_session_gets_its_own_connection(server: procs.ServerProc, tmp_path: Path) -> None:
+    """POST is not idempotent: never sent on the kept connection (whose failure the session repeats)."""
+    a = procs.start_agent(tmp_path / "c", server.token("c"))
+    assert a.stop() == 0
+    paths = AgentPaths(tmp_path / "c")
+    client = client_for(paths)
+    shakes = server.metric("tapproof_server_handshakes_total")
+    with client.session():
+        client.get("/v1/policy")  # opens the kept connection
+        renew(paths, dt.datetime.now(dt.UTC), client)  # POST /v1/renew: a connection of its own
+        client.get("/v1/registry")  # back on the kept connection
+        client.call("PUT", "/v1/registration", {"advertise": "127.0.0.1:1", "services": {}, "bundle": []})
+    assert server.metric("tapproof_server_handshakes_total") - shakes == 2

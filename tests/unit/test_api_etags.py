@@ -205,3 +205,17 @@ def test_registry_write_that_did_not_bump_is_served_within_the_max_age(cp: Contr
     assert resp.status == 200
     assert resp.body["hosts"]["web-1"]["advertise"] == "10.0.0.2:7444"
     assert etag(resp) != tag  # same version, another body: another tag
+
+
+def test_registry_cache_follows_a_version_that_went_back(cp: ControlPlane) -> None:
+    """A restored database (or a lagging standby) has a lower version: cached for it, not rendered per request."""
+    cp.register(PEER, "10.0.0.1:7444", {})
+    cp.register(PEER, "10.0.0.2:7444", {})
+    engine = sa.create_engine(parse_url(cp.config.db))
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text("UPDATE registry_state SET version = version - 1 WHERE id = 1"))
+    finally:
+        engine.dispose()
+    _tag, body = cp.registry_tagged()
+    assert cp.registry_tagged()[1] is body  # the older version is cached like any other

@@ -214,6 +214,7 @@ class SyncLoop:
             return
         save_bundle(rt.paths, bundle)
         rt.creds.swap(bundle=bundle)
+        self.client.reset()  # the kept connection's server was verified against the old bundle
         log_event(log, "bundle-updated", level=logging.WARNING, fingerprints=list(bundle.fingerprints))
         self._register(time.monotonic())  # tell the control plane at once: rotation steps wait for it
 

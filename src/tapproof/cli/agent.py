@@ -59,7 +59,7 @@ def join_string(args: argparse.Namespace) -> str:
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{where}: cannot read: {getattr(exc, 'strerror', None) or exc}") from exc
     elif JOIN_ENV in os.environ:
-        where, text = JOIN_ENV, os.environ[JOIN_ENV]
+        where, text = JOIN_ENV, os.environ.pop(JOIN_ENV)  # not left for /proc/PID/environ or child processes
     else:
         raise ConfigError(f"give the join string: --join, --join-file PATH or ${JOIN_ENV}")
     text = text.strip()

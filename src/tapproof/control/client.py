@@ -36,6 +36,7 @@ from tapproof.units import parse_hostport
 
 log = logging.getLogger(__name__)
 MAX_RESPONSE = 4 * 1024 * 1024
+_REPEATABLE = frozenset({"GET", "PUT", "HEAD"})  # methods a session may send again on a new connection
 
 
 def _roundtrip(
@@ -152,31 +153,48 @@ class APIClient:
         self.mark = mark  # SO_MARK for transparent mode (see tls.stream.connect)
         self._preferred = 0  # the server that answered last: tried first next time (failover sticks)
         self._session: int | None = None  # the thread inside session(), if any
+        self._session_lock = threading.Lock()
         self._held: tuple[str, TLSStream] | None = None  # its kept connection: (server, stream)
 
     @contextlib.contextmanager
     def session(self) -> Iterator[None]:
-        """Within the block, this thread's calls reuse one keep-alive connection; it is closed on exit.
+        """Within the block, this thread's idempotent calls (GET, PUT) reuse one keep-alive connection;
+        it is closed on exit.
 
-        A kept connection the server closed (idle limit, restart) is replaced by a new one, with
-        the usual failover; a 503 moves on to the other servers as outside a session. Calls from
-        other threads meanwhile use their own connections. Not re-entrant across threads.
+        A kept connection that fails is replaced by a new one, with the usual failover: safe only
+        because GET and PUT may be repeated. A POST (``/v1/renew``) always gets a connection of its
+        own and is never sent twice by the session. A 503 moves on to the other servers as outside a
+        session. Other threads' calls meanwhile use their own connections; a second session (nested,
+        or in another thread) shares nothing.
         """
         me = threading.get_ident()
-        if self._session is not None:  # nested (same thread) or another thread's session: no sharing
+        with self._session_lock:
+            mine = self._session is None
+            if mine:
+                self._session = me
+        if not mine:
             yield
             return
-        self._session = me
         try:
             yield
         finally:
-            self._session = None
-            self._drop(abort=False)
+            self.reset()
+            with self._session_lock:
+                self._session = None
+
+    def reset(self) -> None:
+        """Close the kept connection, if any (after a trust bundle or credential change: the next call
+        makes a new connection and verifies the server against the new material)."""
+        self._drop(abort=False)
 
     def _drop(self, *, abort: bool) -> None:
         held, self._held = self._held, None
-        if held is not None:
-            held[1].abort() if abort else held[1].close(time.monotonic() + 1.0)
+        if held is None:
+            return
+        if abort:
+            held[1].abort()
+        else:
+            held[1].close(time.monotonic() + 1.0)
 
     def _keep(self, server: str, stream: TLSStream) -> bool:
         self._drop(abort=False)
@@ -192,12 +210,14 @@ class APIClient:
         server, stream = self._held
         try:
             status, rh, parsed = _roundtrip(stream, method, path, body, headers, server, self.timeout, keep_alive=True)
-        except TransportError:  # the server closed it meanwhile: nothing was answered, try afresh
+        except TransportError:  # closed meanwhile, or no full answer: the caller repeats (GET/PUT only)
             self._drop(abort=True)
             return None
         if status == 503:
             self._drop(abort=False)
-            return None  # the usual path tries the other servers
+            if server in self.servers and len(self.servers) > 1:  # start the failover with the next server
+                self._preferred = (self.servers.index(server) + 1) % len(self.servers)
+            return None
         if rh.get("connection", "").lower() == "close":
             self._drop(abort=False)
         _raise_for(status, parsed)
@@ -207,7 +227,7 @@ class APIClient:
         self, method: str, path: str, body: Any = None, headers: Sequence[tuple[str, str]] = ()
     ) -> tuple[int, dict[str, str], Any]:
         """Make one call; try each server in turn on transport errors and 503s."""
-        in_session = self._session == threading.get_ident()
+        in_session = self._session == threading.get_ident() and method in _REPEATABLE
         if in_session:
             answer = self._call_held(method, path, body, headers)
             if answer is not None:

@@ -8,6 +8,7 @@ The logic is in ``control.api``/``control.service``; this module owns the connec
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import email.utils
 import json
 import logging
@@ -141,7 +142,10 @@ class APIServer:
                 return
             if peer is not None and not peer.bootstrap and unavailable is None:
                 try:
-                    self._peer(stream)
+                    fresh = self._peer(stream)
+                    if fresh.expired != peer.expired:  # expired since the handshake: only POST /v1/renew now
+                        peer = fresh
+                        req = dataclasses.replace(req, peer_expired=fresh.expired)
                 except StoreError as exc:
                     unavailable = exc
                 except PeerRejected as exc:

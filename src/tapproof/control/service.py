@@ -88,6 +88,7 @@ class ControlPlane:
         self._revoked_cache: tuple[float, frozenset[str]] = (-1e9, frozenset())
         self._registry_cache: tuple[RegistryVersion, float, str, dict[str, Any]] | None = None
         self._registry_encoded: tuple[str, bytes] | None = None  # (ETag, JSON) of the cached body
+        self._render_lock = threading.Lock()
         self._lock = threading.Lock()
         self.server_leaf: Any = None  # this server's own TLS certificate (set by the runner)
 
@@ -322,6 +323,14 @@ class ControlPlane:
             cached = self._registry_cache
         if cached is not None and cached[0] == version and now_m - cached[1] < REGISTRY_MAX_AGE:
             return cached[2], cached[3]
+        with self._render_lock:  # one render at a time: the others wait and take its result
+            with self._lock:
+                cached = self._registry_cache
+            if cached is not None and cached[0] == version and now_m - cached[1] < REGISTRY_MAX_AGE:
+                return cached[2], cached[3]
+            return self._render_registry(now_m)
+
+    def _render_registry(self, now_m: float) -> tuple[str, dict[str, Any]]:
         snap = self.store.registry_snapshot()  # version and content from one snapshot: never a stale body
         hosts = {h.name: {"advertise": h.advertise, "revoked": h.revoked_at is not None} for h in snap.hosts}
         services = [
@@ -335,10 +344,8 @@ class ControlPlane:
         ]
         body = {"hosts": hosts, "services": services}
         etag = f'"{snap.version.counter}-{content_tag(body)[1:-1]}"'
-        with self._lock:
-            current = self._registry_cache
-            if current is None or current[0].counter <= snap.version.counter or current[0].epoch != snap.version.epoch:
-                self._registry_cache = (snap.version, now_m, etag, body)
+        with self._lock:  # renders are serialised, so this is the newest read: replace whatever was cached
+            self._registry_cache = (snap.version, now_m, etag, body)  # (even an older version: a restored database)
         return etag, body
 
     def registry_encoded(self) -> tuple[str, bytes]:
