@@ -193,12 +193,7 @@ def test_registry_write_that_did_not_bump_is_served_within_the_max_age(cp: Contr
     """A server older than schema v4 (rolling upgrade) changes rows without bumping the version."""
     cp.register(PEER, "10.0.0.1:7444", {})
     tag = assert_revalidates(cp, "/v1/registry")
-    engine = sa.create_engine(parse_url(cp.config.db))
-    try:
-        with engine.begin() as conn:
-            conn.execute(sa.text("UPDATE hosts SET advertise = '10.0.0.2:7444' WHERE name = 'web-1'"))
-    finally:
-        engine.dispose()
+    _raw_sql(cp, "UPDATE hosts SET advertise = '10.0.0.2:7444' WHERE name = 'web-1'")
     assert get(cp, "/v1/registry", tag).status == 304  # cached for the version
     cp.clock.advance(REGISTRY_MAX_AGE)  # type: ignore[attr-defined]
     resp = get(cp, "/v1/registry", tag)
@@ -211,11 +206,16 @@ def test_registry_cache_follows_a_version_that_went_back(cp: ControlPlane) -> No
     """A restored database (or a lagging standby) has a lower version: cached for it, not rendered per request."""
     cp.register(PEER, "10.0.0.1:7444", {})
     cp.register(PEER, "10.0.0.2:7444", {})
-    engine = sa.create_engine(parse_url(cp.config.db))
-    try:
-        with engine.begin() as conn:
-            conn.execute(sa.text("UPDATE registry_state SET version = version - 1 WHERE id = 1"))
-    finally:
-        engine.dispose()
+    _raw_sql(cp, "UPDATE registry_state SET version = version - 1 WHERE id = 1")
     _tag, body = cp.registry_tagged()
     assert cp.registry_tagged()[1] is body  # the older version is cached like any other
+
+
+def _raw_sql(plane: ControlPlane, statement: str) -> None:
+    """Change the database behind the store's back (another program, a restore)."""
+    engine = sa.create_engine(parse_url(plane.config.db))
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text(statement))
+    finally:
+        engine.dispose()
