@@ -168,6 +168,10 @@ class SyncLoop:
         if status == 304:
             return
         self._etags.pop(path, None)
+        if path == "/v1/registry":
+            # a changed registry (MBs at fleet scale) takes a while to apply: do not hold a server
+            # worker meanwhile (after a change, every agent of the fleet is here at once)
+            self.client.reset()
         apply(body)
         if rh.get("etag"):
             self._etags[path] = rh["etag"]
