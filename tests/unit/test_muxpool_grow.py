@@ -42,22 +42,28 @@ def test_a_failed_background_dial_is_not_retried_per_connection(
     def one(target: str) -> bool:
         return pool.try_open(cast("Any", rt), cast("Any", None), "b", target, None, {"peer": "p", "address": "a"})
 
+    def failures() -> list[object]:
+        return [r.__dict__.get("reason") for r in caplog.records if r.msg == "mux-connect-failed"]
+
+    def settle(logged: int) -> None:
+        """Wait for the background dial to end: its count dropped and its line logged (after the lock)."""
+        deadline = time.monotonic() + 5
+        while (pool._peers["b"].connecting or len(failures()) < logged) and time.monotonic() < deadline:
+            time.sleep(0.01)
+
     assert one("first")  # the busy connection takes it; a second connection is dialled meanwhile
-    deadline = time.monotonic() + 5
-    while pool._peers["b"].connecting and time.monotonic() < deadline:
-        time.sleep(0.01)
+    settle(1)
     assert pool._peers["b"].connecting == 0
     for i in range(20):  # the dial failed: every connection still goes to the live one, no new dial
         assert one(f"next-{i}")
     assert dials == ["b"]
     assert submitted == ["first"] + [f"next-{i}" for i in range(20)]
-    assert [r.__dict__.get("reason") for r in caplog.records if r.msg == "mux-connect-failed"] == ["connect-failed"]
+    assert failures() == ["connect-failed"]
     pool._peers["b"].grow_after = 0.0  # after GROW_RETRY the next busy moment dials again
     assert one("later")
-    deadline = time.monotonic() + 5
-    while len(dials) < 2 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    settle(2)  # (and no thread left to log after the test)
     assert dials == ["b", "b"]
+    assert failures() == ["connect-failed", "connect-failed"]
 
 
 def test_no_ready_connection_leaves_it_to_a_worker() -> None:
