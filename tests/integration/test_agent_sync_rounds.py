@@ -51,16 +51,21 @@ def test_a_round_shares_one_connection(server: procs.ServerProc, tmp_path: Path)
 
 
 def test_a_kept_connection_the_server_dropped_is_replaced(server: procs.ServerProc, tmp_path: Path) -> None:
-    """A server restart between two calls of one session: the next call reconnects, nothing fails."""
+    """A server restart between two calls of one session: the next call reconnects at once, nothing fails."""
     a = procs.start_agent(tmp_path / "b", server.token("b"))
     assert a.stop() == 0
-    client: APIClient = client_for(AgentPaths(tmp_path / "b"))
+    paths = AgentPaths(tmp_path / "b")
+    client: APIClient = client_for(paths)
     with client.session():
-        assert "bundle" in client.get("/v1/bundle")
+        assert "bundle" in client.get("/v1/bundle")  # the kept connection
         server.kill()
         server.restart()
-        procs.wait_for(lambda: _answers(client), 20, "the restarted server")
+        probe = client_for(paths)  # another client, outside the session, waits for the new server
+        procs.wait_for(lambda: _answers(probe), 20, "the restarted server")
+        shakes = server.metric("tapproof_server_handshakes_total")
+        assert "hosts" in client.get("/v1/registry")  # the dead kept connection is replaced, first try
         assert "hosts" in client.get("/v1/registry")
+        assert server.metric("tapproof_server_handshakes_total") - shakes == 1  # and the new one is kept
 
 
 def _answers(client: APIClient) -> bool:

@@ -173,7 +173,7 @@ def test_registry_and_policy(cp: ControlPlane) -> None:
     _enroll(cp)
     peer = identity.host_id("example.org", "web-1")
     cp.register(peer, "10.0.0.1:7444", {"redis": "cache"})
-    reg = cp.registry()
+    reg = cp.registry_tagged()[1]
     assert reg["hosts"]["web-1"]["advertise"] == "10.0.0.1:7444"
     assert reg["services"] == [
         {"name": "redis", "host": "web-1", "advertise": "10.0.0.1:7444", "spiffe_id": "spiffe://example.org/svc/redis"}

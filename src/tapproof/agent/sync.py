@@ -88,8 +88,9 @@ class SyncLoop:
         self.rt = rt
         ident = load_identity(rt.paths)
         self.client = APIClient(ident.servers, rt.trust_domain, rt.creds.client_context, timeout=api_timeout)
-        self._etag = rt.policy.policy.etag if rt.policy.policy is not None else ""
-        self._etags: dict[str, str] = {}  # path -> ETag of the last applied answer (revocations, registry, bundle)
+        self._etags: dict[str, str] = {}  # path -> ETag of the last applied answer
+        if rt.policy.policy is not None and rt.policy.policy.etag:  # the cached policy: a 304 after a restart
+            self._etags["/v1/policy"] = rt.policy.policy.etag
         self._registered_at = -REGISTER_EVERY
         self._register_needed = True
         self._next_renew_try = 0.0
@@ -145,20 +146,14 @@ class SyncLoop:
         now = time.monotonic()
         if self._register_needed or now - self._registered_at >= REGISTER_EVERY:
             self._register(now)
-        headers = [("If-None-Match", self._etag)] if self._etag else []
-        status, rh, body = self.client.call("GET", "/v1/policy", None, headers)
-        if status == 200:
-            snap = parse_policy(body, rh.get("etag", ""))
-            if rt.policy.set_policy(snap):
-                log_event(log, "policy-updated", version=snap.version, rules=len(snap.rules), default=snap.default)
-            self._etag = snap.etag
-        self._if_changed("/v1/revocations", self._revocations)
-        self._if_changed("/v1/registry", self._registry)
-        self._if_changed("/v1/bundle", self._bundle)
+        self._if_changed("/v1/policy", self._policy)
+        self._if_changed("/v1/revocations", lambda body, _tag: self._revocations(body))
+        self._if_changed("/v1/registry", lambda body, _tag: self._registry(body))
+        self._if_changed("/v1/bundle", lambda body, _tag: self._bundle(body))
         rt.last_sync = rt.now()
 
-    def _if_changed(self, path: str, apply: Callable[[Any], None]) -> None:
-        """GET ``path`` with the ETag of its last answer; ``apply`` a new body (a 304: nothing changed).
+    def _if_changed(self, path: str, apply: Callable[[Any, str], None]) -> None:
+        """GET ``path`` with the ETag of its last answer; ``apply(body, etag)`` a new one (a 304: nothing changed).
 
         The tag is kept only once ``apply`` returned, so a body that failed to apply (it raised)
         is fetched in full again next round.
@@ -168,13 +163,15 @@ class SyncLoop:
         if status == 304:
             return
         self._etags.pop(path, None)
-        if path == "/v1/registry":
-            # a changed registry (MBs at fleet scale) takes a while to apply: do not hold a server
-            # worker meanwhile (after a change, every agent of the fleet is here at once)
-            self.client.reset()
-        apply(body)
-        if rh.get("etag"):
-            self._etags[path] = rh["etag"]
+        new_tag = rh.get("etag", "")
+        apply(body, new_tag)
+        if new_tag:
+            self._etags[path] = new_tag
+
+    def _policy(self, body: Any, etag: str) -> None:
+        snap = parse_policy(body, etag)
+        if self.rt.policy.set_policy(snap):
+            log_event(log, "policy-updated", version=snap.version, rules=len(snap.rules), default=snap.default)
 
     def _revocations(self, body: Any) -> None:
         rt = self.rt
@@ -191,6 +188,9 @@ class SyncLoop:
             )
 
     def _registry(self, body: Any) -> None:
+        # a changed registry (MBs at fleet scale) takes a while to apply: do not hold a server worker
+        # meanwhile (after a change, every agent of the fleet is here at once)
+        self.client.reset()
         if self.rt.registry.update(body):
             log_event(log, "registry-updated", hosts=len(self.rt.registry.snapshot()["hosts"]))
 

@@ -308,12 +308,9 @@ class ControlPlane:
         self.store.update_host_seen(peer.name, now, advertise, bundle=held)
         self.store.register_services(peer.name, recs)
 
-    def registry(self) -> dict[str, Any]:
-        """Hosts with their tunnel addresses, and services with where they are (do not modify: it is shared)."""
-        return self.registry_tagged()[1]
-
     def registry_tagged(self) -> tuple[str, dict[str, Any]]:
-        """(ETag, registry body). The body is rendered once per registry version (and at least every
+        """(ETag, registry body: hosts with their tunnel addresses, services with where they are; shared,
+        do not modify). The body is rendered once per registry version (and at least every
         :data:`REGISTRY_MAX_AGE` seconds) and kept in this process; each call reads only the version (one
         row), so a change made through another server sharing the database is seen at the next call. The
         tag is the version counter and a digest of the body, so one body gets one tag on every server."""

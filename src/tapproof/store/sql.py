@@ -545,10 +545,11 @@ class SQLStore:
     def list_hosts(self) -> list[HostRecord]:
         """All hosts, by name."""
 
-        def body(conn: sa.Connection) -> list[HostRecord]:
-            return [_host(r) for r in conn.execute(sa.select(hosts).order_by(hosts.c.name))]
+        return self._read("list hosts", self._all_hosts)
 
-        return self._read("list hosts", body)
+    @staticmethod
+    def _all_hosts(conn: sa.Connection) -> list[HostRecord]:
+        return [_host(r) for r in conn.execute(sa.select(hosts).order_by(hosts.c.name))]
 
     def revoked_hosts(self) -> list[str]:
         """Names of the revoked hosts, sorted (the partial index ``hosts_revoked`` holds only them)."""
@@ -735,14 +736,15 @@ class SQLStore:
     def list_services(self) -> list[ServiceRecord]:
         """All services, by (name, host)."""
 
-        def body(conn: sa.Connection) -> list[ServiceRecord]:
-            stmt = sa.select(services).order_by(services.c.name, services.c.host)
-            return [
-                ServiceRecord(name=r.name, host=r.host, advertise=r.advertise, registered_at=r.registered_at)
-                for r in conn.execute(stmt)
-            ]
+        return self._read("list services", self._all_services)
 
-        return self._read("list services", body)
+    @staticmethod
+    def _all_services(conn: sa.Connection) -> list[ServiceRecord]:
+        stmt = sa.select(services).order_by(services.c.name, services.c.host)
+        return [
+            ServiceRecord(name=r.name, host=r.host, advertise=r.advertise, registered_at=r.registered_at)
+            for r in conn.execute(stmt)
+        ]
 
     # --- registry version ----------------------------------------------------
     @staticmethod
@@ -767,14 +769,7 @@ class SQLStore:
         """The version, all hosts and all services in one snapshot (REPEATABLE READ on PostgreSQL)."""
 
         def body(conn: sa.Connection) -> RegistrySnapshot:
-            version = self._registry_version(conn)
-            host_rows = [_host(r) for r in conn.execute(sa.select(hosts).order_by(hosts.c.name))]
-            stmt = sa.select(services).order_by(services.c.name, services.c.host)
-            svc_rows = [
-                ServiceRecord(name=r.name, host=r.host, advertise=r.advertise, registered_at=r.registered_at)
-                for r in conn.execute(stmt)
-            ]
-            return RegistrySnapshot(version, host_rows, svc_rows)
+            return RegistrySnapshot(self._registry_version(conn), self._all_hosts(conn), self._all_services(conn))
 
         return self._read("read registry", body, isolation="REPEATABLE READ")
 
