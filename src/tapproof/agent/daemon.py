@@ -72,6 +72,9 @@ log = logging.getLogger(__name__)
 
 __all__ = ["Agent", "run"]
 
+SIGNAL_POLL = 0.25
+"""Seconds between the main thread's wake-ups to run pending signal handlers (see :meth:`Agent.serve`)."""
+
 # Settings a SIGHUP cannot change (sockets and rules are set up once).
 _RESTART_ONLY = (
     "listen_tunnel",
@@ -417,7 +420,11 @@ class Agent:
     def serve(self) -> int:
         """Block until SIGTERM/SIGINT; handle SIGHUP reloads; then stop."""
         while not self._stop.is_set():
-            self._reload.wait()
+            # Wake up now and then: the kernel may deliver SIGHUP/SIGTERM to any thread, and Python runs the
+            # handler only once the main thread executes bytecode again; a wait without timeout can sleep
+            # through it (seen: a SIGHUP handled only when a later SIGTERM woke the main thread).
+            while not self._reload.wait(SIGNAL_POLL):
+                pass
             self._reload.clear()
             if not self._stop.is_set():
                 self.reload()
